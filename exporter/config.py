@@ -1,0 +1,522 @@
+"""Turns the YAML config file into frozen, typed objects; every validation rule lives here."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Final, Literal, Mapping, NoReturn, Sequence
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+
+from exporter.secret import ApiKey
+
+DEFAULT_BASE_URL: Final = "https://api.devin.ai"
+DEFAULT_LISTEN: Final = "0.0.0.0:9877"
+DEFAULT_WINDOWS: Final = ("1h", "24h", "7d", "30d")
+API_KEY_ENV: Final = "DEVIN_API_KEY"
+MIN_WINDOW_SECONDS: Final = 60.0
+# Labels the exporter sets itself; a static label of the same name would make series ambiguous.
+RESERVED_LABELS: Final = frozenset({"org", "window"})
+
+WindowKind = Literal["range", "today", "month_to_date", "billing_cycle"]
+CALENDAR_WINDOWS: Final[tuple[WindowKind, ...]] = ("today", "month_to_date", "billing_cycle")
+
+
+class ConfigError(Exception):
+    """A config problem, already phrased for the user: file, key path, what is wrong."""
+
+
+# --- value types -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """How to reach the Devin API and how hard to press on it."""
+
+    base_url: str
+    api_key: ApiKey
+    timeout: float = 30.0  # seconds, per request attempt
+    max_concurrency: int = 4  # requests in flight at once, all org sets together
+    max_requests_per_second: float = 2.0  # across all org sets
+    retries: int = 3  # extra attempts after the first, on retryable failures
+    api_key_file: str | None = None  # where the key came from, so a reload re-reads it
+
+
+@dataclass(frozen=True)
+class Window:
+    """A trailing time range ending at poll time, named as the user wrote it."""
+
+    name: str  # the `window` label value: "24h", "today", "billing_cycle", ...
+    kind: WindowKind
+    range_seconds: float | None  # only for kind == "range"
+    interval: float  # seconds between polls of this window
+
+    def bounds(
+        self, now: datetime, delay: float, tz: ZoneInfo
+    ) -> tuple[datetime | None, datetime | None]:
+        """The (start, end) to ask the API for at `now`; (None, None) means the billing cycle."""
+        if self.kind == "billing_cycle":
+            return None, None
+        end = now.astimezone(timezone.utc) - timedelta(seconds=delay)
+        if self.kind == "range":
+            assert self.range_seconds is not None
+            return end - timedelta(seconds=self.range_seconds), end
+        local = end.astimezone(tz)
+        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        if self.kind == "month_to_date":
+            midnight = midnight.replace(day=1)
+        # Re-localize so a DST change between midnight and now gives midnight's real offset.
+        start = datetime(midnight.year, midnight.month, midnight.day, tzinfo=tz)
+        return start.astimezone(timezone.utc), end
+
+
+@dataclass(frozen=True)
+class PollSettings:
+    interval: float = 300.0
+    jitter: float = 0.1
+    delay: float = 0.0
+    stale_after: int = 3
+    timezone: str = "UTC"
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True)
+class OrgSet:
+    """A named filter on the enterprise: the unit the `org` label stands for."""
+
+    name: str
+    org_ids: tuple[str, ...] = ()
+    user_ids: tuple[str, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()  # static labels, sorted by name
+    windows: tuple[Window, ...] = ()  # resolved: the set's own list, else the global one
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "0.0.0.0"
+    port: int = 9877
+    web_config_file: str | None = None
+
+    @property
+    def listen(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    api: ApiSettings
+    poll: PollSettings
+    windows: tuple[Window, ...]
+    org_sets: tuple[OrgSet, ...]
+    server: ServerSettings
+    source: str = "<config>"
+
+    def summary(self) -> str:
+        schedules = sum(len(s.windows) for s in self.org_sets)
+        return (
+            f"{self.source}: OK: {len(self.org_sets)} org set(s), {schedules} schedule(s) "
+            f"(org set x window), API {self.api.base_url}, listen {self.server.listen}"
+        )
+
+
+# --- scalar parsers (also used by the CLI) ----------------------------------------------------
+
+_DURATION_RE: Final = re.compile(
+    r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$"
+)
+_DURATION_UNITS: Final = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
+_LABEL_NAME_RE: Final = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_ENV_RE: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def parse_duration(text: str) -> float:
+    """Prometheus duration syntax (`30s`, `1h30m`, `2w`) to seconds; ValueError otherwise."""
+    match = _DURATION_RE.match(text)
+    if text == "0":
+        return 0.0
+    if not text or match is None:
+        raise ValueError(f"{text!r} is not a duration like 30s, 5m, 1h30m, 7d")
+    return float(sum(int(n) * unit for n, unit in zip(match.groups(), _DURATION_UNITS) if n))
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[V6]:PORT` to (host, port); ValueError otherwise."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (for example 0.0.0.0:9877)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or "0.0.0.0", int(port_text)
+
+
+# --- the document walker ----------------------------------------------------------------------
+
+
+class _Node:
+    """A value in the YAML document with its key path, so every error can say where it is."""
+
+    def __init__(self, value: object, path: str, source: str) -> None:
+        self.value = value
+        self.path = path
+        self.source = source
+
+    def fail(self, problem: str) -> NoReturn:
+        where = f"{self.path}: " if self.path else ""
+        raise ConfigError(f"{self.source}: {where}{problem}")
+
+    def child(self, key: str | int, value: object) -> _Node:
+        if isinstance(key, int):
+            path = f"{self.path}[{key}]"
+        else:
+            path = f"{self.path}.{key}" if self.path else key
+        return _Node(value, path, self.source)
+
+    def mapping(self, allowed: Sequence[str]) -> dict[str, _Node]:
+        """The node as a mapping with only `allowed` keys; a typo is named with a suggestion."""
+        if self.value is None:
+            return {}
+        if not isinstance(self.value, dict):
+            self.fail(f"must be a mapping (key: value), got {_describe(self.value)}")
+        out: dict[str, _Node] = {}
+        for key, value in self.value.items():
+            if not isinstance(key, str):
+                self.fail(f"key {key!r} must be a string")
+            if key not in allowed:
+                near = difflib.get_close_matches(key, allowed, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(allowed)}"
+                self.child(key, value).fail(f"unknown key{hint}")
+            out[key] = self.child(key, value)
+        return out
+
+    def sequence(self) -> list[_Node]:
+        if not isinstance(self.value, list):
+            self.fail(f"must be a list, got {_describe(self.value)}")
+        return [self.child(i, v) for i, v in enumerate(self.value)]
+
+    def string(self, *, allow_empty: bool = False) -> str:
+        if not isinstance(self.value, str):
+            self.fail(f"must be a string, got {_describe(self.value)}")
+        if not allow_empty and not self.value.strip():
+            self.fail("must not be empty")
+        return self.value
+
+    def duration(self) -> float:
+        if isinstance(self.value, bool) or not isinstance(self.value, str):
+            self.fail(f"{self.value!r} is not a duration like 30s, 5m, 1h30m, 7d (a unit is required)")
+        try:
+            return parse_duration(self.value)
+        except ValueError as exc:
+            self.fail(str(exc))
+
+    def integer(self, *, minimum: int) -> int:
+        if isinstance(self.value, bool) or not isinstance(self.value, int):
+            self.fail(f"must be an integer, got {_describe(self.value)}")
+        if self.value < minimum:
+            self.fail(f"must be at least {minimum}, got {self.value}")
+        return self.value
+
+    def number(self, *, above: float | None = None, at_least: float | None = None,
+               below: float | None = None) -> float:
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)):
+            self.fail(f"must be a number, got {_describe(self.value)}")
+        value = float(self.value)
+        if not math.isfinite(value):
+            self.fail(f"must be a finite number, got {self.value}")
+        if above is not None and value <= above:
+            self.fail(f"must be greater than {above:g}, got {self.value}")
+        if at_least is not None and value < at_least:
+            self.fail(f"must be at least {at_least:g}, got {self.value}")
+        if below is not None and value >= below:
+            self.fail(f"must be less than {below:g}, got {self.value}")
+        return value
+
+    def string_list(self) -> tuple[str, ...]:
+        if self.value is None:
+            return ()
+        return tuple(item.string() for item in self.sequence())
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "nothing (null)"
+    kind = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+    return f"{kind} ({value!r})" if isinstance(value, (str, int, float)) else kind
+
+
+# --- YAML loading -----------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys: YAML would silently keep the last one."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
+    seen: set[object] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, source: str) -> object:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{source}: {where}invalid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+
+
+def _expand_env(node: _Node, env: Mapping[str, str]) -> object:
+    """Expand ${VAR} and ${VAR:-default} in every string of the document."""
+    value = node.value
+    if isinstance(value, str):
+        def replace(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            node.fail(f"environment variable {name} is not set")
+        return _ENV_RE.sub(replace, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(node.child(str(k), v), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(node.child(i, v), env) for i, v in enumerate(value)]
+    return value
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+_TOP_KEYS: Final = ("api", "poll", "windows", "org_sets", "server")
+_API_KEYS: Final = ("base_url", "api_key", "api_key_file", "timeout", "max_concurrency",
+                    "max_requests_per_second", "retries")
+_POLL_KEYS: Final = ("interval", "jitter", "delay", "stale_after", "timezone")
+_WINDOW_KEYS: Final = ("range", "interval")
+_ORG_SET_KEYS: Final = ("name", "org_ids", "user_ids", "labels", "windows")
+_SERVER_KEYS: Final = ("listen", "web_config_file")
+
+
+def _api(node: _Node, env: Mapping[str, str], base_dir: Path) -> ApiSettings:
+    keys = node.mapping(_API_KEYS)
+    base_url = keys["base_url"].string() if "base_url" in keys else DEFAULT_BASE_URL
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        keys["base_url"].fail(f"{base_url!r} is not an http(s) URL like {DEFAULT_BASE_URL}")
+    key_file: str | None = None
+    if "api_key" in keys and "api_key_file" in keys:
+        node.fail("set either api_key or api_key_file, not both")
+    if "api_key_file" in keys:
+        key_file = keys["api_key_file"].string()
+        api_key = read_api_key_file(keys["api_key_file"], base_dir)
+    elif "api_key" in keys:
+        api_key = keys["api_key"].string(allow_empty=True).strip()
+        if not api_key:
+            keys["api_key"].fail("the API key is empty (is the environment variable set and non-empty?)")
+    else:
+        api_key = env.get(API_KEY_ENV, "").strip()
+        if not api_key:
+            node.child("api_key", None).fail(
+                f"missing: set api.api_key, api.api_key_file or the {API_KEY_ENV} environment variable"
+            )
+    return ApiSettings(
+        base_url=base_url.rstrip("/"),
+        api_key=ApiKey(api_key),
+        timeout=keys["timeout"].duration() if "timeout" in keys else 30.0,
+        max_concurrency=keys["max_concurrency"].integer(minimum=1) if "max_concurrency" in keys else 4,
+        max_requests_per_second=(
+            keys["max_requests_per_second"].number(above=0) if "max_requests_per_second" in keys else 2.0
+        ),
+        retries=keys["retries"].integer(minimum=0) if "retries" in keys else 3,
+        api_key_file=key_file,
+    )
+
+
+def read_api_key_file(node: _Node, base_dir: Path) -> str:
+    path = base_dir / str(node.value)
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        node.fail(f"cannot read {path}: {exc.strerror or exc}")
+    except UnicodeDecodeError:
+        node.fail(f"{path} is not UTF-8 text")
+    if not key:
+        node.fail(f"{path} is empty")
+    return key
+
+
+def _poll(node: _Node) -> PollSettings:
+    keys = node.mapping(_POLL_KEYS)
+    defaults = PollSettings()
+    interval = keys["interval"].duration() if "interval" in keys else defaults.interval
+    if interval < 1:
+        keys["interval"].fail("must be at least 1s")
+    tz_name = keys["timezone"].string() if "timezone" in keys else defaults.timezone
+    try:
+        ZoneInfo(tz_name)
+    except (ZoneInfoNotFoundError, ValueError):
+        keys["timezone"].fail(f"{tz_name!r} is not an IANA time zone like UTC or America/Los_Angeles")
+    return PollSettings(
+        interval=interval,
+        jitter=keys["jitter"].number(at_least=0, below=1) if "jitter" in keys else defaults.jitter,
+        delay=keys["delay"].duration() if "delay" in keys else defaults.delay,
+        stale_after=keys["stale_after"].integer(minimum=1) if "stale_after" in keys else defaults.stale_after,
+        timezone=tz_name,
+    )
+
+
+def _window(node: _Node, default_interval: float) -> Window:
+    interval = default_interval
+    if isinstance(node.value, dict):
+        keys = node.mapping(_WINDOW_KEYS)
+        if "range" not in keys:
+            node.fail("a window entry needs `range` (for example {range: 30d, interval: 30m})")
+        if "interval" in keys:
+            interval = keys["interval"].duration()
+            if interval < 1:
+                keys["interval"].fail("must be at least 1s")
+        node = keys["range"]
+    name = node.string() if isinstance(node.value, str) else node.fail(
+        f"{node.value!r} is not a window: use a duration like 24h or 7d, or one of "
+        f"{', '.join(CALENDAR_WINDOWS)}"
+    )
+    if name in CALENDAR_WINDOWS:
+        return Window(name=name, kind=name, range_seconds=None, interval=interval)  # type: ignore[arg-type]
+    try:
+        seconds = parse_duration(name)
+    except ValueError:
+        node.fail(f"{name!r} is not a window: use a duration like 24h or 7d, or one of "
+                  f"{', '.join(CALENDAR_WINDOWS)}")
+    if seconds < MIN_WINDOW_SECONDS:
+        node.fail(f"window {name!r} is shorter than the minimum of 1m")
+    return Window(name=name, kind="range", range_seconds=seconds, interval=interval)
+
+
+def _windows(node: _Node, default_interval: float) -> tuple[Window, ...]:
+    items = node.sequence()
+    if not items:
+        node.fail("must list at least one window")
+    windows = tuple(_window(item, default_interval) for item in items)
+    for i, window in enumerate(windows):
+        if any(other.name == window.name for other in windows[:i]):
+            items[i].fail(f"window {window.name!r} is listed twice")
+    return windows
+
+
+def _labels(node: _Node) -> tuple[tuple[str, str], ...]:
+    if node.value is None:
+        return ()
+    if not isinstance(node.value, dict):
+        node.fail(f"must be a mapping of label name to value, got {_describe(node.value)}")
+    labels: list[tuple[str, str]] = []
+    for name, value in node.value.items():
+        child = node.child(str(name), value)
+        if not isinstance(name, str) or not _LABEL_NAME_RE.match(name) or name.startswith("__"):
+            child.fail(f"{name!r} is not a valid Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*, no leading __)")
+        if name in RESERVED_LABELS:
+            child.fail(f"label {name!r} is set by the exporter itself; choose another name")
+        if not isinstance(value, str):
+            child.fail(f"label values must be strings, got {_describe(value)}; quote it")
+        labels.append((name, value))
+    return tuple(sorted(labels))
+
+
+def _org_sets(node: _Node, global_windows: tuple[Window, ...], interval: float) -> tuple[OrgSet, ...]:
+    if node.value is None or node.value == []:
+        node.fail("must list at least one org set (for example `- name: enterprise`)")
+    sets: list[OrgSet] = []
+    label_names: set[tuple[str, ...]] = set()
+    for item in node.sequence():
+        keys = item.mapping(_ORG_SET_KEYS)
+        if "name" not in keys:
+            item.fail("an org set needs a `name`")
+        name = keys["name"].string().strip()
+        if any(s.name == name for s in sets):
+            keys["name"].fail(f"duplicate org set name {name!r}")
+        windows = _windows(keys["windows"], interval) if "windows" in keys else global_windows
+        labels = _labels(keys["labels"]) if "labels" in keys else ()
+        label_names.add(tuple(n for n, _ in labels))
+        sets.append(OrgSet(
+            name=name,
+            org_ids=keys["org_ids"].string_list() if "org_ids" in keys else (),
+            user_ids=keys["user_ids"].string_list() if "user_ids" in keys else (),
+            labels=labels,
+            windows=windows,
+        ))
+    return tuple(sets)
+
+
+def _server(node: _Node, base_dir: Path) -> ServerSettings:
+    keys = node.mapping(_SERVER_KEYS)
+    host, port = "0.0.0.0", 9877
+    if "listen" in keys:
+        try:
+            host, port = parse_listen(keys["listen"].string())
+        except ValueError as exc:
+            keys["listen"].fail(str(exc))
+    web_config: str | None = None
+    if "web_config_file" in keys and keys["web_config_file"].value is not None:
+        web_config = str(base_dir / keys["web_config_file"].string())
+        if not Path(web_config).is_file():
+            keys["web_config_file"].fail(f"{web_config} does not exist")
+    return ServerSettings(host=host, port=port, web_config_file=web_config)
+
+
+# --- entry points -----------------------------------------------------------------------------
+
+
+def parse_config(text: str, source: str = "<config>", *, env: Mapping[str, str] | None = None,
+                 base_dir: Path | None = None) -> Config:
+    """Parse and validate a config document; raise ConfigError naming the file and key path."""
+    env = os.environ if env is None else env
+    base_dir = Path(".") if base_dir is None else base_dir
+    root = _Node(parse_yaml(text, source), "", source)
+    if root.value is None:
+        root.fail("the file is empty; see config.example.yaml")
+    root = _Node(_expand_env(root, env), "", source)
+    keys = root.mapping(_TOP_KEYS)
+    poll = _poll(keys.get("poll", root.child("poll", None)))
+    if "windows" in keys:
+        windows = _windows(keys["windows"], poll.interval)
+    else:
+        windows = tuple(_window(root.child("windows", w), poll.interval) for w in DEFAULT_WINDOWS)
+    return Config(
+        api=_api(keys.get("api", root.child("api", None)), env, base_dir),
+        poll=poll,
+        windows=windows,
+        org_sets=_org_sets(keys.get("org_sets", root.child("org_sets", None)), windows, poll.interval),
+        server=_server(keys.get("server", root.child("server", None)), base_dir),
+        source=source,
+    )
+
+
+def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the config file at `path` (relative paths inside resolve from its folder)."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read config: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not UTF-8 text") from None
+    return parse_config(text, str(file), env=env, base_dir=file.parent)
