@@ -1,0 +1,610 @@
+"""One call to Devin's usage endpoint: errors classified, retried with backoff, rate-limited and paused per key."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import math
+import random as _random
+import re
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from http import HTTPStatus
+from typing import Final
+
+import aiohttp
+
+from exporter import USER_AGENT
+from exporter.config import ApiSettings
+
+__all__ = [
+    "Attempt",
+    "ApiError",
+    "ErrorReason",
+    "UsageClient",
+    "UsageQuery",
+    "format_rfc3339",
+    "new_session",
+    "parse_retry_after",
+]
+
+logger = logging.getLogger(__name__)
+
+USAGE_PATH: Final = "/v2/enterprise/metrics/usage"
+REQUIRED_FIELDS: Final = ("sessions_count", "searches_count", "prs_opened", "prs_closed", "prs_merged")
+# Prometheus sample values are float64: above 2**53 an integer count can no longer be told
+# apart from its neighbours, so such a reply is wrong for our purpose, not merely big.
+MAX_EXACT_INT: Final = 2**53
+BACKOFF_BASE: Final = 1.0  # seconds
+BACKOFF_CAP: Final = 60.0  # seconds
+# A Retry-After of days would silently stop the exporter; an hour is already a long outage and
+# the poller keeps reporting failures meanwhile.
+RETRY_AFTER_CAP: Final = 3600.0
+# The reply is five integers; anything near this size is a proxy page or a bug, not usage data.
+MAX_BODY_BYTES: Final = 1 << 20
+# A process-wide ceiling on sockets; the per-client limiter below is the real (reloadable) bound.
+CONNECTOR_LIMIT: Final = 32
+_SNIPPET_CHARS: Final = 200
+_MESSAGE_CHARS: Final = 1000
+# Extra fields become metric names (`devin_usage_<field>`), so only names that are valid there pass.
+_EXTRA_FIELD_NAME: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# What an HTTP header value may carry; a key with a newline or space would be rejected by aiohttp
+# with an error we do not control, or worse, split the header.
+_HEADER_TOKEN: Final = re.compile(r"[\x21-\x7e]+")
+_BEARER_TOKEN: Final = re.compile(r"(?i)(bearer\s+)\S+")
+_HTML_TAG: Final = re.compile(r"<[^>]*>")
+_WHITESPACE: Final = re.compile(r"\s+")
+
+
+class ErrorReason(enum.StrEnum):
+    """Why an attempt failed; the values are the `reason` label of devin_exporter_api_errors_total."""
+
+    RATE_LIMITED = "rate_limited"
+    SERVER_ERROR = "server_error"
+    AUTH = "auth"
+    CLIENT_ERROR = "client_error"
+    TIMEOUT = "timeout"
+    CONNECTION = "connection"
+    INVALID_RESPONSE = "invalid_response"
+
+
+# Transient by nature: waiting can fix them. The others mean the key, the config or the
+# upstream contract is wrong, and asking again only burns rate limit.
+RETRYABLE: Final = frozenset(
+    {ErrorReason.RATE_LIMITED, ErrorReason.SERVER_ERROR, ErrorReason.TIMEOUT, ErrorReason.CONNECTION}
+)
+
+
+@dataclass(frozen=True)
+class UsageQuery:
+    """One (org set, window) question to the endpoint."""
+
+    org_set: str  # the org set's name, for observation/logging only
+    start: datetime | None  # both None: the current billing cycle (no dates sent)
+    end: datetime | None
+    org_ids: tuple[str, ...] = ()
+    user_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One HTTP attempt, reported to the observer (metrics use it)."""
+
+    org_set: str
+    status: int | None  # HTTP status if a response arrived
+    reason: ErrorReason | None  # None on success
+    duration: float  # seconds, from the injected monotonic clock
+
+
+class ApiError(Exception):
+    """The final failure of a fetch. Its text is ours, never aiohttp's, and never holds the key."""
+
+    def __init__(
+        self,
+        reason: ErrorReason,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return (
+            f"ApiError(reason={self.reason.value!r}, status={self.status!r}, "
+            f"message={self.message!r}, retry_after={self.retry_after!r})"
+        )
+
+    def __reduce__(self) -> tuple[Callable[..., ApiError], tuple[ErrorReason, str], dict[str, object]]:
+        # The keyword-only arguments would be lost by Exception's default pickling.
+        return (ApiError, (self.reason, self.message), {"status": self.status, "retry_after": self.retry_after})
+
+
+class _InvalidResponse(ValueError):
+    """A 2xx body that is not the UsageMetrics object; only used inside this module."""
+
+
+def format_rfc3339(dt: datetime) -> str:
+    """`2026-11-24T18:00:00Z`: UTC, whole seconds (truncated), the form FastAPI/pydantic accept."""
+    if dt.tzinfo is None or dt.utcoffset() is None:
+        # A naive datetime is ambiguous; guessing would shift every window by the host's offset.
+        raise ValueError("format_rfc3339 needs a timezone-aware datetime")
+    utc = dt.astimezone(timezone.utc).replace(microsecond=0, tzinfo=None)
+    return utc.isoformat() + "Z"
+
+
+def parse_retry_after(value: str, now: float) -> float | None:
+    """Seconds to wait from a Retry-After value (delta seconds or HTTP-date), relative to `now` (unix time).
+
+    Capped at RETRY_AFTER_CAP; a date in the past means 0; negative, non-finite or unparsable means None.
+    """
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = None
+    if seconds is None:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            # RFC 9110 dates are GMT; "-0000" yields a naive datetime that means the same.
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = max(0.0, when.timestamp() - now)
+    elif not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, RETRY_AFTER_CAP)
+
+
+def new_session(*, trust_env: bool = True) -> aiohttp.ClientSession:
+    """The one process-wide session. Call it from inside the running event loop; close it on shutdown.
+
+    `trust_env` honours HTTP(S)_PROXY / NO_PROXY, since exporters commonly sit behind an egress
+    proxy; pass False for loopback use (the demo simulator) if a proxy variable is set.
+    """
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=CONNECTOR_LIMIT, ttl_dns_cache=300),
+        # Nothing upstream needs cookies, and a jar would be state shared across org sets.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=trust_env,
+    )
+
+
+class _InFlightLimit:
+    """A semaphore whose size can change at runtime (config reload), unlike asyncio.Semaphore.
+
+    Slots are handed directly to the oldest waiter, so it is FIFO-fair and a shrink takes effect as
+    in-flight requests finish.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = max(1, limit)
+        self._in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def set_limit(self, limit: int) -> None:
+        self._limit = max(1, limit)
+        self._wake()
+
+    async def acquire(self) -> None:
+        if not self._waiters and self._in_flight < self._limit:
+            self._in_flight += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                # The slot was handed over just as we were cancelled: pass it on, or it leaks.
+                self.release()
+            raise
+
+    def release(self) -> None:
+        self._in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._in_flight < self._limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # skip waiters cancelled while queued
+                self._in_flight += 1
+                waiter.set_result(None)
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _snippet(body: bytes) -> str:
+    """A short, single-line, tag-free excerpt of an error body (often a proxy's HTML page)."""
+    text = body[: _SNIPPET_CHARS * 8].decode("utf-8", errors="replace")
+    text = _WHITESPACE.sub(" ", _HTML_TAG.sub(" ", text)).strip()
+    return _truncate(text, _SNIPPET_CHARS)
+
+
+def _validation_details(detail: list[object]) -> str:
+    """FastAPI's HTTPValidationError as `start_date: Input should be ...; end_date: ...`."""
+    parts: list[str] = []
+    for item in detail:
+        if not isinstance(item, dict):
+            continue
+        loc = item.get("loc")
+        msg = item.get("msg")
+        where: list[str] = [str(p) for p in loc] if isinstance(loc, list) else []
+        if len(where) > 1 and where[0] in ("query", "body", "path", "header", "cookie"):
+            where = where[1:]  # "query" is noise; the parameter name is what an operator needs
+        text = str(msg) if msg is not None else "invalid"
+        parts.append(f"{'.'.join(where)}: {text}" if where else text)
+    return "; ".join(parts)
+
+
+def _describe_body(body: bytes) -> str:
+    """What an error response says about itself, as briefly as it can be said."""
+    if not body.strip():
+        return ""
+    try:
+        document: object = json.loads(body)
+    except (ValueError, RecursionError):
+        return _snippet(body)
+    if isinstance(document, dict):
+        detail = document.get("detail")
+        if isinstance(detail, list):
+            described = _validation_details(detail)
+            if described:
+                return described
+        if isinstance(detail, str):
+            return _truncate(detail, _SNIPPET_CHARS)
+    return _snippet(body)
+
+
+def _describe_value(value: object) -> str:
+    # Scalars are shown; containers only by type, since their text could be large or deep.
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return _truncate(json.dumps(value), 40)
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _parse_usage(body: bytes) -> dict[str, float]:
+    try:
+        document: object = json.loads(body)
+    except (ValueError, RecursionError):
+        raise _InvalidResponse(f"body is not JSON: {_snippet(body)!r}") from None
+    if not isinstance(document, dict):
+        raise _InvalidResponse(f"body is JSON {type(document).__name__}, not an object")
+    result: dict[str, float] = {}
+    for name in REQUIRED_FIELDS:
+        if name not in document:
+            raise _InvalidResponse(f"field {name!r} is missing")
+        value = document[name]
+        # bool is an int subclass in Python, but `true` is not a count.
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _InvalidResponse(f"field {name!r} is {_describe_value(value)}, not an integer")
+        if value < 0:
+            raise _InvalidResponse(f"field {name!r} is negative ({value})")
+        if value > MAX_EXACT_INT:
+            raise _InvalidResponse(f"field {name!r} is {value}, above 2**53 (not exact as a float)")
+        result[name] = value
+    for name, value in document.items():
+        if name in result or not isinstance(name, str) or not _EXTRA_FIELD_NAME.fullmatch(name):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # extras are a bonus: anything that is not a plain count is ignored, not an error
+        if isinstance(value, int):
+            if 0 <= value <= MAX_EXACT_INT:
+                result[name] = value
+        elif math.isfinite(value) and value >= 0:
+            result[name] = value
+    return result
+
+
+async def _read_limited(content: aiohttp.StreamReader, limit: int) -> tuple[bytes, bool]:
+    """Up to `limit` bytes of the body, and whether there was more."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await content.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    body = b"".join(chunks)
+    return body[:limit], len(body) > limit
+
+
+def _classify_status(status: int) -> ErrorReason | None:
+    if 200 <= status < 300:
+        return None
+    if status == 429:
+        return ErrorReason.RATE_LIMITED
+    if 500 <= status < 600:
+        return ErrorReason.SERVER_ERROR
+    if status in (401, 403):
+        return ErrorReason.AUTH
+    # Other 4xx (422 = we sent something the API rejects), and 1xx/3xx we did not ask for.
+    return ErrorReason.CLIENT_ERROR
+
+
+def _status_text(status: int) -> str:
+    try:
+        return f"HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
+
+
+class UsageClient:
+    """Fetches usage counts; one instance per API key, shared by every org set and window.
+
+    All limits live on the instance because the upstream limit is per key: the in-flight bound,
+    the request-rate spacing and the Retry-After pause apply to every caller together.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        settings: ApiSettings,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        random: Callable[[], float] = _random.random,
+        observer: Callable[[Attempt], None] | None = None,
+    ) -> None:
+        self._session = session
+        self._settings = settings
+        self._monotonic = monotonic
+        self._wall_clock = wall_clock
+        self._sleep = sleep
+        self._random = random
+        self._observer = observer
+        self._in_flight = _InFlightLimit(settings.max_concurrency)
+        self._last_slot: float | None = None  # monotonic start time reserved by the latest request
+        self._paused_until: float | None = None
+
+    def __repr__(self) -> str:
+        return f"UsageClient(base_url={self._settings.base_url!r})"
+
+    @property
+    def paused_until(self) -> float | None:
+        """Monotonic time until which no request is sent (server asked via Retry-After), or None."""
+        if self._paused_until is None or self._paused_until <= self._monotonic():
+            return None
+        return self._paused_until
+
+    def update_settings(self, settings: ApiSettings) -> None:
+        """Config reload: the new key, URL, timeout, retries and limits apply to later attempts."""
+        self._settings = settings
+        self._in_flight.set_limit(settings.max_concurrency)
+
+    async def fetch(self, query: UsageQuery) -> dict[str, float]:
+        """The five counts (ints) plus numeric extras; raises ApiError after the last failed attempt."""
+        retries = max(0, self._settings.retries)
+        retry = 0
+        while True:
+            await self._acquire_send_permit()
+            try:
+                outcome = await self._attempt(query, retry + 1)
+            finally:
+                self._in_flight.release()
+            if not isinstance(outcome, ApiError):
+                return outcome
+            if outcome.reason not in RETRYABLE or retry >= retries:
+                # Raised outside any `except` block, so no aiohttp exception (whose request_info
+                # holds our headers) is chained to it; `from None` makes that explicit.
+                raise outcome from None
+            retry += 1
+            delay = self._backoff(retry)
+            if outcome.retry_after is not None:
+                delay = max(delay, outcome.retry_after)
+            logger.debug(
+                "usage API retry scheduled",
+                extra={
+                    "org_set": query.org_set,
+                    "retry": retry,
+                    "reason": outcome.reason.value,
+                    "delay_seconds": round(delay, 3),
+                },
+            )
+            await self._sleep(delay)
+
+    def _backoff(self, retry: int) -> float:
+        """Full jitter: uniform(0, min(cap, base * 2**(retry-1))), retry counted from 1."""
+        ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** min(retry - 1, 30))  # min(): no float overflow
+        fraction = min(max(self._random(), 0.0), 1.0)
+        return fraction * ceiling
+
+    async def _acquire_send_permit(self) -> None:
+        """Wait out any pause, take an in-flight slot, then a rate slot; leaves holding the slot."""
+        while True:
+            await self._wait_for_pause()
+            await self._in_flight.acquire()
+            try:
+                await self._wait_for_rate_slot()
+            except BaseException:
+                self._in_flight.release()
+                raise
+            if self.paused_until is None:
+                return
+            # Another caller got a Retry-After while we waited for our slot: honour it too.
+            self._in_flight.release()
+
+    async def _wait_for_pause(self) -> None:
+        while (until := self.paused_until) is not None:
+            await self._sleep(until - self._monotonic())
+
+    async def _wait_for_rate_slot(self) -> None:
+        """Spacing, i.e. a token bucket of size 1: request starts are at least 1/rps apart.
+
+        No burst allowance on purpose: the upstream limit is unknown, and evenly spaced requests
+        are the least likely to trip it. The slot is reserved before sleeping, so concurrent
+        callers line up without a lock.
+        """
+        rps = self._settings.max_requests_per_second
+        if not (rps > 0 and math.isfinite(rps)):
+            return  # config validation forbids this; treat as "no rate limit" rather than crash
+        now = self._monotonic()
+        slot = now if self._last_slot is None else max(now, self._last_slot + 1.0 / rps)
+        self._last_slot = slot
+        if slot > now:
+            await self._sleep(slot - now)
+
+    def _pause(self, seconds: float) -> None:
+        until = self._monotonic() + seconds
+        if self._paused_until is None or until > self._paused_until:
+            self._paused_until = until
+        if seconds > 0:
+            logger.info("usage API asked to back off; pausing all requests", extra={"pause_seconds": round(seconds, 3)})
+
+    def _error(
+        self, reason: ErrorReason, message: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> ApiError:
+        # Belt and braces: the message is built from our own words plus server/aiohttp text, and a
+        # misbehaving proxy may echo request headers in its body. Scrub the key from all of it.
+        key = self._settings.api_key.reveal()
+        text = _BEARER_TOKEN.sub(r"\1***", message)
+        if key:
+            text = text.replace(key, "***")
+        return ApiError(reason, _truncate(text, _MESSAGE_CHARS), status=status, retry_after=retry_after)
+
+    def _params(self, query: UsageQuery) -> list[tuple[str, str]]:
+        # A list of pairs, not a dict, so org_ids/user_ids repeat as FastAPI expects.
+        params: list[tuple[str, str]] = []
+        if query.start is not None:
+            params.append(("start_date", format_rfc3339(query.start)))
+        if query.end is not None:
+            params.append(("end_date", format_rfc3339(query.end)))
+        params.extend(("org_ids", org_id) for org_id in query.org_ids)
+        params.extend(("user_ids", user_id) for user_id in query.user_ids)
+        return params
+
+    async def _attempt(self, query: UsageQuery, number: int) -> dict[str, float] | ApiError:
+        settings = self._settings
+        started = self._monotonic()
+        status: int | None = None
+        outcome: dict[str, float] | ApiError
+        key = settings.api_key.reveal()
+        if not _HEADER_TOKEN.fullmatch(key):
+            outcome = self._error(
+                ErrorReason.AUTH,
+                "the API key is empty or contains whitespace/non-ASCII characters and cannot be sent; "
+                "check api.api_key",
+            )
+        else:
+            url = settings.base_url.rstrip("/") + USAGE_PATH
+            headers = {
+                "Authorization": f"Bearer {key}",
+                "User-Agent": USER_AGENT,
+                "Accept": "application/json",
+            }
+            try:
+                async with self._session.get(
+                    url,
+                    params=self._params(query),
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=settings.timeout),
+                    # A redirect would carry the bearer token to wherever Location points.
+                    allow_redirects=False,
+                ) as response:
+                    status = response.status
+                    retry_after = self._honour_retry_after(status, response.headers.get("Retry-After"))
+                    body, truncated = await _read_limited(response.content, MAX_BODY_BYTES)
+                    outcome = self._interpret(status, body, truncated, retry_after, response.headers.get("Location"))
+            except TimeoutError:
+                # Before ClientError: aiohttp's ServerTimeoutError is both, and it is a timeout.
+                outcome = self._error(
+                    ErrorReason.TIMEOUT,
+                    f"no complete response within {settings.timeout:g}s"
+                    + (f" (after {_status_text(status)})" if status else ""),
+                    status=status,
+                )
+            except aiohttp.ClientError as exc:
+                # Our own words plus the exception's str(); never its repr, which holds request_info.
+                detail = _truncate(str(exc), _SNIPPET_CHARS)
+                outcome = self._error(
+                    ErrorReason.CONNECTION,
+                    f"connection failed: {type(exc).__name__}" + (f": {detail}" if detail else ""),
+                    status=status,
+                )
+        duration = max(0.0, self._monotonic() - started)
+        reason = outcome.reason if isinstance(outcome, ApiError) else None
+        logger.debug(
+            "usage API attempt",
+            extra={
+                "org_set": query.org_set,
+                "attempt": number,
+                "status": status,
+                "reason": reason.value if reason else None,
+                "duration_seconds": round(duration, 3),
+            },
+        )
+        self._observe(Attempt(query.org_set, status, reason, duration))
+        return outcome
+
+    def _honour_retry_after(self, status: int, header: str | None) -> float | None:
+        """Parse Retry-After on 429/5xx, and pause the whole client for it: the limit is per key."""
+        if header is None or _classify_status(status) not in (ErrorReason.RATE_LIMITED, ErrorReason.SERVER_ERROR):
+            return None
+        seconds = parse_retry_after(header, self._wall_clock())
+        if seconds is not None:
+            self._pause(seconds)
+        return seconds
+
+    def _interpret(
+        self, status: int, body: bytes, truncated: bool, retry_after: float | None, location: str | None
+    ) -> dict[str, float] | ApiError:
+        reason = _classify_status(status)
+        if reason is None:
+            if truncated:
+                return self._error(
+                    ErrorReason.INVALID_RESPONSE,
+                    f"{_status_text(status)} with a body over {MAX_BODY_BYTES} bytes",
+                    status=status,
+                )
+            try:
+                return _parse_usage(body)
+            except _InvalidResponse as exc:
+                return self._error(ErrorReason.INVALID_RESPONSE, f"{_status_text(status)} but {exc}", status=status)
+        parts = [_status_text(status)]
+        if reason is ErrorReason.AUTH:
+            parts.append("the API key was rejected (it must be an enterprise-admin personal API key, apk_user_…)")
+        elif 300 <= status < 400:
+            where = _truncate(location, _SNIPPET_CHARS) if location else "nowhere"
+            parts.append(f"redirect to {where} not followed (it would carry the API key); check api.base_url")
+        elif status == 422:
+            parts.append("the API rejected the request parameters")
+        if retry_after is not None:
+            parts.append(f"Retry-After {retry_after:g}s")
+        described = _describe_body(body)
+        if described:
+            parts.append(described)
+        message = parts[0] if len(parts) == 1 else f"{parts[0]}: {'; '.join(parts[1:])}"
+        return self._error(reason, message, status=status, retry_after=retry_after)
+
+    def _observe(self, attempt: Attempt) -> None:
+        if self._observer is None:
+            return
+        try:
+            self._observer(attempt)
+        except Exception:
+            # Metrics bookkeeping must not turn a good reply into a failed poll.
+            logger.exception("usage API observer failed")
