@@ -6,6 +6,7 @@ import difflib
 import math
 import os
 import re
+from collections.abc import Hashable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -31,6 +32,10 @@ CALENDAR_WINDOWS: Final[tuple[WindowKind, ...]] = ("today", "month_to_date", "bi
 
 class ConfigError(Exception):
     """A config problem, already phrased for the user: file, key path, what is wrong."""
+
+    def __init__(self, message: str) -> None:
+        # Always one line: YAML reader errors and keys taken from the file may hold line breaks.
+        super().__init__(" ".join(line.strip() for line in message.splitlines()))
 
 
 # --- value types -----------------------------------------------------------------------------
@@ -136,6 +141,7 @@ _DURATION_RE: Final = re.compile(
 )
 _DURATION_UNITS: Final = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
 _LABEL_NAME_RE: Final = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_SECRET_ENV_RE: Final = re.compile(r"KEY|TOKEN|SECRET|PASSW", re.IGNORECASE)
 _ENV_RE: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -152,7 +158,7 @@ def parse_duration(text: str) -> float:
 def parse_listen(text: str) -> tuple[str, int]:
     """`HOST:PORT` or `[V6]:PORT` to (host, port); ValueError otherwise."""
     host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not sep or not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"{text!r} is not HOST:PORT (for example 0.0.0.0:9877)")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -264,7 +270,11 @@ class _StrictLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
     seen: set[object] = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *anchor`; construct_mapping merges it
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, Hashable):
+            continue  # construct_mapping reports "found unhashable key" with its position
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -285,6 +295,8 @@ def parse_yaml(text: str, source: str) -> object:
         raise ConfigError(f"{source}: {where}invalid YAML: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
 
 
 def _expand_env(node: _Node, env: Mapping[str, str]) -> object:
@@ -293,10 +305,10 @@ def _expand_env(node: _Node, env: Mapping[str, str]) -> object:
     if isinstance(value, str):
         def replace(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
+            if default is not None:  # as in the shell: the default also replaces an empty value
+                return env.get(name) or default
             if name in env:
                 return env[name]
-            if default is not None:
-                return default
             node.fail(f"environment variable {name} is not set")
         return _ENV_RE.sub(replace, value)
     if isinstance(value, dict):
@@ -342,7 +354,7 @@ def _api(node: _Node, env: Mapping[str, str], base_dir: Path) -> ApiSettings:
     return ApiSettings(
         base_url=base_url.rstrip("/"),
         api_key=ApiKey(api_key),
-        timeout=keys["timeout"].duration() if "timeout" in keys else 30.0,
+        timeout=_positive(keys["timeout"], keys["timeout"].duration()) if "timeout" in keys else 30.0,
         max_concurrency=keys["max_concurrency"].integer(minimum=1) if "max_concurrency" in keys else 4,
         max_requests_per_second=(
             keys["max_requests_per_second"].number(above=0) if "max_requests_per_second" in keys else 2.0
@@ -350,6 +362,12 @@ def _api(node: _Node, env: Mapping[str, str], base_dir: Path) -> ApiSettings:
         retries=keys["retries"].integer(minimum=0) if "retries" in keys else 3,
         api_key_file=key_file,
     )
+
+
+def _positive(node: _Node, seconds: float) -> float:
+    if seconds <= 0:
+        node.fail("must be greater than 0s (0 would disable the timeout)")
+    return seconds
 
 
 def read_api_key_file(node: _Node, base_dir: Path) -> str:
@@ -360,6 +378,8 @@ def read_api_key_file(node: _Node, base_dir: Path) -> str:
         node.fail(f"cannot read {path}: {exc.strerror or exc}")
     except UnicodeDecodeError:
         node.fail(f"{path} is not UTF-8 text")
+    except ValueError as exc:  # e.g. an embedded null byte in the path
+        node.fail(f"cannot read {str(path)!r}: {exc}")
     if not key:
         node.fail(f"{path} is empty")
     return key
@@ -401,7 +421,7 @@ def _window(node: _Node, default_interval: float) -> Window:
         f"{', '.join(CALENDAR_WINDOWS)}"
     )
     if name in CALENDAR_WINDOWS:
-        return Window(name=name, kind=name, range_seconds=None, interval=interval)  # type: ignore[arg-type]
+        return Window(name=name, kind=name, range_seconds=None, interval=interval)
     try:
         seconds = parse_duration(name)
     except ValueError:
@@ -489,6 +509,18 @@ def parse_config(text: str, source: str = "<config>", *, env: Mapping[str, str] 
                  base_dir: Path | None = None) -> Config:
     """Parse and validate a config document; raise ConfigError naming the file and key path."""
     env = os.environ if env is None else env
+    try:
+        return _parse_config(text, source, env, base_dir)
+    except ConfigError as exc:
+        # A key put in the wrong field (say api_key_file: ${DEVIN_API_KEY}) would be quoted back.
+        message = str(exc)
+        for name, value in env.items():
+            if len(value) >= 8 and _SECRET_ENV_RE.search(name) and value in message:
+                message = message.replace(value, f"<${{{name}}}>")
+        raise ConfigError(message) from None
+
+
+def _parse_config(text: str, source: str, env: Mapping[str, str], base_dir: Path | None) -> Config:
     base_dir = Path(".") if base_dir is None else base_dir
     root = _Node(parse_yaml(text, source), "", source)
     if root.value is None:
