@@ -1,0 +1,163 @@
+"""Command line: flags, logging, signals, and the wiring of config, exporter and server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+
+from aiohttp import web
+from prometheus_client import generate_latest
+
+from exporter import __version__
+from exporter.config import Config, ConfigError, load_config, parse_listen
+from exporter.logs import LOG_LEVELS, setup_logging
+from exporter.server import create_app
+from exporter.service import Exporter
+
+log = logging.getLogger("exporter")
+
+SHUTDOWN_TIMEOUT = 2.0  # seconds for open scrapes to finish; SIGTERM must exit within 5 s
+
+
+def _listen(text: str) -> tuple[str, int]:
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="devin-usage-exporter",
+        description="Prometheus exporter for Devin enterprise usage metrics. "
+        "`devin-usage-exporter simulate --help` runs the API simulator alone.",
+    )
+    parser.add_argument("--config", metavar="FILE",
+                        default=os.environ.get("DEVIN_EXPORTER_CONFIG", "config.yaml"),
+                        help="YAML config (default: $DEVIN_EXPORTER_CONFIG, else config.yaml)")
+    parser.add_argument("--listen", metavar="HOST:PORT", type=_listen,
+                        help="address to serve /metrics on (overrides server.listen)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    parser.add_argument("--log-format", choices=("logfmt", "json"), default="logfmt")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check-config", action="store_true",
+                      help="validate the config and that the API key resolves, then exit")
+    mode.add_argument("--once", action="store_true",
+                      help="poll every org set and window once, print the metrics, exit 0 if all succeeded")
+    mode.add_argument("--demo", action="store_true",
+                      help="run against the embedded API simulator with a built-in config")
+    mode.add_argument("--version", action="store_true", help="print the version and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["simulate"]:
+        from exporter.simulator import main as simulate  # the simulator is a dev tool; load on demand
+
+        return simulate(args_list[1:])
+    args = build_parser().parse_args(args_list)  # bad flags: argparse prints usage, exits 2
+    if args.version:
+        print(f"devin-usage-exporter {__version__}")
+        return 0
+    setup_logging(args.log_level, args.log_format)
+    if args.demo:
+        return _run(_demo(args.listen))
+
+    def load() -> Config:
+        config = load_config(args.config)
+        if args.listen:
+            config = dataclasses.replace(
+                config, server=dataclasses.replace(config.server, host=args.listen[0], port=args.listen[1]))
+        return config
+
+    try:
+        config = load()
+    except ConfigError as exc:
+        print(f"devin-usage-exporter: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(config.summary())
+        return 0
+    if args.once:
+        return _run(_once(config))
+    return _run(serve(Exporter(config), load))
+
+
+def _run(coro: Coroutine[object, object, int]) -> int:
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed
+        return 0
+
+
+async def _once(config: Config) -> int:
+    exporter = Exporter(config)
+    poller = await exporter.open()
+    try:
+        ok = await poller.poll_all_once()
+    finally:
+        await exporter.close()
+    sys.stdout.write(generate_latest(exporter.registry).decode())
+    sys.stdout.flush()
+    return 0 if ok else 1
+
+
+async def serve(exporter: Exporter, reload: Callable[[], Config], *, announce: str | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; SIGHUP reloads the config through `reload`."""
+    server = exporter.config.server
+    runner = web.AppRunner(create_app(exporter), access_log=None, handle_signals=False,
+                           shutdown_timeout=SHUTDOWN_TIMEOUT)
+    await runner.setup()  # starts polling through the app's cleanup_ctx
+    try:
+        await web.TCPSite(runner, server.host, server.port).start()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", server.listen, exc.strerror or exc)
+        await runner.cleanup()
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reloader(exporter, reload))
+    host, port = runner.addresses[0][:2]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+    log.info("listening", extra={"url": url, "version": __version__})
+    if announce:
+        print(announce.format(url=url), flush=True)
+    await stop.wait()
+    log.info("shutting down")
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.remove_signal_handler(sig)
+    await runner.cleanup()
+    return 0
+
+
+def _reloader(exporter: Exporter, reload: Callable[[], Config]) -> Callable[[], None]:
+    def on_sighup() -> None:
+        log.info("SIGHUP received, reloading the config")
+        running = exporter.config.server
+        if exporter.reload(reload) and exporter.config.server != running:
+            log.warning("server settings changed; they take effect after a restart")
+    return on_sighup
+
+
+async def _demo(listen: tuple[str, int] | None) -> int:
+    from exporter.demo import DEMO_LISTEN, demo_config
+    from exporter.simulator import DEFAULT_DEMO_KEY, start_simulator
+
+    runner, base_url = await start_simulator()
+    try:
+        address = f"{listen[0]}:{listen[1]}" if listen else DEMO_LISTEN
+        config = demo_config(base_url, DEFAULT_DEMO_KEY, address)
+        log.info("demo: simulated Devin API", extra={"url": base_url})
+        return await serve(Exporter(config), lambda: config,
+                           announce="Demo running: open {url} (metrics at {url}metrics). Ctrl-C stops it.")
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,93 @@
+"""The aiohttp app: /metrics, /healthz, /readyz and the landing page, with the poller in its lifecycle."""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from exporter import __version__
+from exporter.service import Exporter
+
+EXPORTER_KEY = web.AppKey("exporter", Exporter)
+
+
+def create_app(exporter: Exporter, *, clock: Callable[[], float] = time.time) -> web.Application:
+    app = web.Application()
+    app[EXPORTER_KEY] = exporter
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await exporter.start()
+        yield
+        await exporter.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/metrics", make_aiohttp_handler(exporter.registry))
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/", _landing_page(clock))
+    return app
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    if request.app[EXPORTER_KEY].alive():
+        return web.Response(text="ok\n")
+    return web.Response(status=503, text="poll loop is not running\n")
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    snapshot = request.app[EXPORTER_KEY].snapshot
+    if snapshot.ready():
+        return web.Response(text="ready\n")
+    waiting = [s.name for s in snapshot.config.org_sets if not snapshot.attempted(s)]
+    return web.Response(status=503, text=f"waiting for a first poll of: {', '.join(waiting)}\n")
+
+
+def _landing_page(clock: Callable[[], float]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text=render_landing_page(request.app[EXPORTER_KEY], clock()),
+                            content_type="text/html")
+    return handler
+
+
+def render_landing_page(exporter: Exporter, now: float) -> str:
+    """A small HTML page: links, version, config minus secrets, last poll outcome per window."""
+    snap = exporter.snapshot
+    config = snap.config
+    e = html.escape
+    rows = []
+    for org_set in config.org_sets:
+        for window in org_set.windows:
+            result = snap.result(org_set.name, window.name)
+            if result.last_attempt is None:
+                outcome = "not polled yet"
+            elif result.ok:
+                outcome = f"ok {now - result.last_attempt:.0f}s ago"
+            else:
+                outcome = f"failed ({result.error}) {now - result.last_attempt:.0f}s ago"
+            filters = ", ".join(filter(None, [
+                f"org_ids: {', '.join(org_set.org_ids)}" if org_set.org_ids else "",
+                f"user_ids: {', '.join(org_set.user_ids)}" if org_set.user_ids else "",
+            ])) or "whole enterprise"
+            rows.append(
+                f"<tr><td>{e(org_set.name)}</td><td>{e(filters)}</td><td>{e(window.name)}</td>"
+                f"<td>{window.interval:g}s</td><td>{e(outcome)}</td></tr>")
+    poll = config.poll
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Devin usage exporter</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 10px;text-align:left}}</style></head>
+<body><h1>Devin usage exporter</h1>
+<p>Version {e(__version__)}. Polls {e(config.api.base_url)} in the background; scrapes never wait on it.</p>
+<ul><li><a href="metrics">/metrics</a></li><li><a href="healthz">/healthz</a></li>
+<li><a href="readyz">/readyz</a></li></ul>
+<p>Poll: default interval {poll.interval:g}s, jitter {poll.jitter:g}, delay {poll.delay:g}s,
+stale after {poll.stale_after} intervals, time zone {e(poll.timezone)}.
+API: timeout {config.api.timeout:g}s, concurrency {config.api.max_concurrency},
+{config.api.max_requests_per_second:g} requests/s, {config.api.retries} retries.</p>
+<table><tr><th>org set</th><th>filter</th><th>window</th><th>interval</th><th>last poll</th></tr>
+{"".join(rows)}
+</table></body></html>
+"""

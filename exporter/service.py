@@ -1,0 +1,97 @@
+"""The running exporter: one HTTP client session, the poller and the metrics registry, with reload."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random as random_module
+import time
+from typing import Awaitable, Callable
+
+import aiohttp
+from prometheus_client import CollectorRegistry
+
+from exporter.client import UsageClient, new_session
+from exporter.config import Config, ConfigError
+from exporter.metrics import ApiStats, ExporterCollector, ReloadStatus, build_registry
+from exporter.poller import Poller
+from exporter.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+
+class Exporter:
+    """Wires client → poller → snapshot → registry for one process; the server and `--once` share it."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        random: Callable[[], float] = random_module.random,
+    ) -> None:
+        self._initial_config = config
+        self._clock = clock
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._random = random
+        self.stats = ApiStats()
+        self.reload_status = ReloadStatus(successful=True, last_success=clock())
+        self._poller: Poller | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.registry: CollectorRegistry = build_registry(
+            ExporterCollector(lambda: self.snapshot, self.stats, self.reload_status, clock))
+
+    @property
+    def snapshot(self) -> Snapshot:
+        if self._poller is None:
+            return Snapshot.empty(self._initial_config)
+        return self._poller.snapshot
+
+    @property
+    def config(self) -> Config:
+        return self.snapshot.config
+
+    async def open(self) -> Poller:
+        """Create the one process-wide client session and the poller (not yet polling)."""
+        self._session = new_session()
+        client = UsageClient(self._session, self._initial_config.api, monotonic=self._monotonic,
+                             wall_clock=self._clock, sleep=self._sleep, random=self._random,
+                             observer=self.stats.observe)
+        self._poller = Poller(client, self._initial_config, clock=self._clock,
+                              monotonic=self._monotonic, sleep=self._sleep, random=self._random)
+        return self._poller
+
+    async def start(self) -> None:
+        poller = await self.open()
+        poller.start()
+        log.info("polling started", extra={"org_sets": len(self.config.org_sets),
+                                           "schedules": len(self.snapshot.schedules())})
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            await self._poller.stop()
+        if self._session is not None:
+            await self._session.close()
+
+    def alive(self) -> bool:
+        return self._poller is not None and self._poller.alive()
+
+    def reload(self, load: Callable[[], Config]) -> bool:
+        """Apply the config `load` returns; on any error keep the running one and say why."""
+        try:
+            config = load()
+        except ConfigError as exc:
+            self.reload_status.successful = False
+            log.error("config reload failed; keeping the running config: %s", exc)
+            return False
+        if self._poller is not None:
+            self._poller.apply_config(config)
+        self.stats.retain(s.name for s in config.org_sets)
+        self.reload_status.successful = True
+        self.reload_status.last_success = self._clock()
+        log.info("config reloaded", extra={"org_sets": len(config.org_sets),
+                                           "schedules": len(self.snapshot.schedules())})
+        return True
