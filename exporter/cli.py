@@ -82,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"devin-usage-exporter: config error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - a validation gap must still not show a traceback
+        print(f"devin-usage-exporter: config error: {args.config}: cannot load: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 2
     if args.check_config:
         print(config.summary())
         return 0
@@ -112,20 +116,21 @@ async def _once(config: Config) -> int:
 async def serve(exporter: Exporter, reload: Callable[[], Config], *, announce: str | None = None) -> int:
     """Serve until SIGTERM/SIGINT; SIGHUP reloads the config through `reload`."""
     server = exporter.config.server
-    runner = web.AppRunner(create_app(exporter), access_log=None, handle_signals=False,
-                           shutdown_timeout=SHUTDOWN_TIMEOUT)
-    await runner.setup()  # starts polling through the app's cleanup_ctx
-    try:
-        await web.TCPSite(runner, server.host, server.port).start()
-    except OSError as exc:
-        log.error("cannot listen on %s: %s", server.listen, exc.strerror or exc)
-        await runner.cleanup()
-        return 1
+    # Handlers first, so a SIGTERM during start-up is still a clean stop.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reloader(exporter, reload))
+    runner = web.AppRunner(create_app(exporter), access_log=None, handle_signals=False,
+                           shutdown_timeout=SHUTDOWN_TIMEOUT)
+    try:
+        await runner.setup()  # starts polling through the app's cleanup_ctx
+        await web.TCPSite(runner, server.host, server.port).start()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", server.listen, exc.strerror or exc)
+        await runner.cleanup()
+        return 1
     host, port = runner.addresses[0][:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     log.info("listening", extra={"url": url, "version": __version__})

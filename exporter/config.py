@@ -23,6 +23,8 @@ DEFAULT_LISTEN: Final = "0.0.0.0:9877"
 DEFAULT_WINDOWS: Final = ("1h", "24h", "7d", "30d")
 API_KEY_ENV: Final = "DEVIN_API_KEY"
 MIN_WINDOW_SECONDS: Final = 60.0
+# Beyond this, date arithmetic overflows and no real window or timeout is meant.
+MAX_DURATION_SECONDS: Final = 100 * 365 * 86400.0
 # Labels the exporter sets itself; a static label of the same name would make series ambiguous.
 RESERVED_LABELS: Final = frozenset({"org", "window"})
 
@@ -152,7 +154,10 @@ def parse_duration(text: str) -> float:
         return 0.0
     if not text or match is None:
         raise ValueError(f"{text!r} is not a duration like 30s, 5m, 1h30m, 7d")
-    return float(sum(int(n) * unit for n, unit in zip(match.groups(), _DURATION_UNITS) if n))
+    seconds = float(sum(int(n) * unit for n, unit in zip(match.groups(), _DURATION_UNITS, strict=True) if n))
+    if seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f"{text!r} is longer than the maximum of 100y")
+    return seconds
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -332,9 +337,16 @@ _SERVER_KEYS: Final = ("listen", "web_config_file")
 def _api(node: _Node, env: Mapping[str, str], base_dir: Path) -> ApiSettings:
     keys = node.mapping(_API_KEYS)
     base_url = keys["base_url"].string() if "base_url" in keys else DEFAULT_BASE_URL
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(base_url)
+        parts.port  # noqa: B018 - raises ValueError on a port out of range
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         keys["base_url"].fail(f"{base_url!r} is not an http(s) URL like {DEFAULT_BASE_URL}")
+    if parts.username is not None or parts.password is not None:
+        # Credentials in the URL would show on the landing page and in logs; the key has its own field.
+        keys["base_url"].fail("must not contain credentials (user:password@); the key goes in api.api_key")
     key_file: str | None = None
     if "api_key" in keys and "api_key_file" in keys:
         node.fail("set either api_key or api_key_file, not both")
@@ -424,7 +436,9 @@ def _window(node: _Node, default_interval: float) -> Window:
         return Window(name=name, kind=name, range_seconds=None, interval=interval)
     try:
         seconds = parse_duration(name)
-    except ValueError:
+    except ValueError as exc:
+        if _DURATION_RE.match(name):
+            node.fail(str(exc))  # well-formed but out of range
         node.fail(f"{name!r} is not a window: use a duration like 24h or 7d, or one of "
                   f"{', '.join(CALENDAR_WINDOWS)}")
     if seconds < MIN_WINDOW_SECONDS:
@@ -521,6 +535,13 @@ def parse_config(text: str, source: str = "<config>", *, env: Mapping[str, str] 
 
 
 def _parse_config(text: str, source: str, env: Mapping[str, str], base_dir: Path | None) -> Config:
+    try:
+        return _build_config(text, source, env, base_dir)
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: an alias refers to itself or nests too deeply") from None
+
+
+def _build_config(text: str, source: str, env: Mapping[str, str], base_dir: Path | None) -> Config:
     base_dir = Path(".") if base_dir is None else base_dir
     root = _Node(parse_yaml(text, source), "", source)
     if root.value is None:

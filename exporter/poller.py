@@ -31,7 +31,9 @@ class ScheduleKey:
 
     @classmethod
     def of(cls, org_set: OrgSet, window: Window, poll: PollSettings) -> ScheduleKey:
-        return cls(org_set.name, org_set.org_ids, org_set.user_ids, window, poll.delay, poll.timezone)
+        # Only calendar windows depend on the zone; a zone change must not re-poll the others.
+        zone = poll.timezone if window.kind in ("today", "month_to_date") else "UTC"
+        return cls(org_set.name, org_set.org_ids, org_set.user_ids, window, poll.delay, zone)
 
 
 class Poller:

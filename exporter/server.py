@@ -39,9 +39,10 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    snapshot = request.app[EXPORTER_KEY].snapshot
-    if snapshot.ready():
+    exporter = request.app[EXPORTER_KEY]
+    if exporter.ready():
         return web.Response(text="ready\n")
+    snapshot = exporter.snapshot
     waiting = [s.name for s in snapshot.config.org_sets if not snapshot.attempted(s)]
     return web.Response(status=503, text=f"waiting for a first poll of: {', '.join(waiting)}\n")
 

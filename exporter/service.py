@@ -40,6 +40,7 @@ class Exporter:
         self.stats = ApiStats()
         self.reload_status = ReloadStatus(successful=True, last_success=clock())
         self._poller: Poller | None = None
+        self._was_ready = False
         self._session: aiohttp.ClientSession | None = None
         self.registry: CollectorRegistry = build_registry(
             ExporterCollector(lambda: self.snapshot, self.stats, self.reload_status, clock))
@@ -76,6 +77,12 @@ class Exporter:
         if self._session is not None:
             await self._session.close()
 
+    def ready(self) -> bool:
+        """Every org set has had a first poll attempt; once true it stays true, so a reload
+        that adds an org set does not pull the pod out of its Service while that set polls."""
+        self._was_ready = self._was_ready or self.snapshot.ready()
+        return self._was_ready
+
     def alive(self) -> bool:
         return self._poller is not None and self._poller.alive()
 
@@ -86,6 +93,15 @@ class Exporter:
         except ConfigError as exc:
             self.reload_status.successful = False
             log.error("config reload failed; keeping the running config: %s", exc)
+            return False
+        except Exception as exc:  # noqa: BLE001
+            # A loader bug (e.g. a ValueError or RecursionError that escaped validation) must not
+            # escape the SIGHUP callback: it would leave the old config running while
+            # devin_exporter_config_last_reload_successful still said 1, with only asyncio's
+            # traceback in the log.
+            self.reload_status.successful = False
+            log.error("config reload failed with an internal error; keeping the running config: %s: %s",
+                      type(exc).__name__, exc)
             return False
         if self._poller is not None:
             self._poller.apply_config(config)

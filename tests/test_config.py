@@ -925,3 +925,19 @@ def test_key_expanded_into_the_wrong_field_is_not_quoted_in_the_error(field: str
     message = str(caught.value)
     assert key not in message
     assert f"api.{field}" in message and "${DEVIN_API_KEY}" in message
+
+
+@pytest.mark.parametrize(("doc", "path", "fragment"), [
+    ("api: {base_url: 'http://[::1', api_key: k}", "api.base_url", "is not an http(s) URL"),
+    ("api: {base_url: 'http://x:99999', api_key: k}", "api.base_url", "is not an http(s) URL"),
+    ("api: {base_url: 'https://u:p@x', api_key: k}", "api.base_url", "must not contain credentials"),
+    ("api: {api_key: k, timeout: 99999999999999999999y}", "api.timeout", "maximum of 100y"),
+    ("api: {api_key: k}\nwindows: [200y]", "windows[0]", "maximum of 100y"),
+])
+def test_unusable_urls_and_absurd_durations_rejected(doc: str, path: str, fragment: str, tmp_path: Path) -> None:
+    reject(doc + "\norg_sets: [{name: a}]\n", tmp_path, path, fragment)
+
+
+def test_self_referencing_yaml_alias_is_a_clean_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^test\.yaml: invalid YAML: an alias refers to itself"):
+        parse_config("a: &a [*a]\n", "test.yaml", env={}, base_dir=tmp_path)

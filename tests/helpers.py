@@ -1,0 +1,116 @@
+"""Shared helpers for the daemon integration tests: a fake wall clock, configs, exposition parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.config import Config, parse_config
+
+# Recognisable, so a leak into /metrics, the landing page or a log is easy to grep for.
+KEY: Final = "apk_user_DAEMONLEAK_123456789"
+T0: Final = datetime(2026, 11, 24, 18, 0, 0, tzinfo=UTC)
+
+# API field -> metric name (SPEC §5).
+USAGE_METRICS: Final = {
+    "sessions_count": "devin_usage_sessions",
+    "searches_count": "devin_usage_searches",
+    "prs_opened": "devin_usage_prs_opened",
+    "prs_closed": "devin_usage_prs_closed",
+    "prs_merged": "devin_usage_prs_merged",
+}
+
+Labels = frozenset[tuple[str, str]]
+
+
+@dataclass
+class WallClock:
+    """One mutable wall time shared by the simulator (datetime) and the exporter (unix seconds)."""
+
+    now: datetime = T0
+
+    def time(self) -> float:
+        return self.now.timestamp()
+
+    def datetime(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def make_config(
+    base_url: str,
+    org_sets: str,
+    *,
+    windows: str = "[1h, 24h]",
+    interval: str = "1h",
+    delay: str = "0s",
+    stale_after: int = 3,
+    zone: str = "UTC",
+    retries: int = 0,
+    timeout: str = "5s",
+    key: str = KEY,
+) -> Config:
+    """A config that polls every schedule exactly once, right away (no jitter, long interval)."""
+    text = f"""\
+api:
+  base_url: {base_url}
+  api_key: {key}
+  timeout: {timeout}
+  retries: {retries}
+  max_concurrency: 32
+  max_requests_per_second: 10000
+poll:
+  interval: {interval}
+  jitter: 0
+  delay: {delay}
+  stale_after: {stale_after}
+  timezone: {zone}
+windows: {windows}
+org_sets:
+{textwrap.indent(textwrap.dedent(org_sets).strip(), "  ")}
+server:
+  listen: 127.0.0.1:0
+"""
+    return parse_config(text, "test.yaml", env={})
+
+
+def parse_samples(text: str) -> dict[str, dict[Labels, float]]:
+    """Exposition text -> sample name -> labels -> value (counters keep their `_total` names)."""
+    out: dict[str, dict[Labels, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[frozenset(sample.labels.items())] = sample.value
+    return out
+
+
+def family_types(text: str) -> dict[str, str]:
+    return {f.name: f.type for f in text_string_to_metric_families(text)}
+
+
+def labels(**kw: str) -> Labels:
+    return frozenset(kw.items())
+
+
+async def wait_until(
+    predicate: Callable[[], object], *, within: float = 5.0, what: str = "condition"
+) -> None:
+    """Poll `predicate` every 20 ms until it is truthy; fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def query_key(query: Mapping[str, list[str]]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """A hashable, order-insensitive form of a recorded query string."""
+    return tuple(sorted((k, tuple(v)) for k, v in query.items()))
