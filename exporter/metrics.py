@@ -15,7 +15,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from exporter import __version__
-from exporter.client import Attempt
+from exporter.client import Attempt, ErrorReason
 
 from exporter.snapshot import Snapshot
 
@@ -45,7 +45,8 @@ def _seconds(value: float) -> str:
 @dataclass
 class _OrgApiStats:
     codes: dict[str, int] = field(default_factory=dict)
-    reasons: dict[str, int] = field(default_factory=dict)
+    # Every reason from 0, so rate() and increase() see an org set's very first error.
+    reasons: dict[str, int] = field(default_factory=lambda: dict.fromkeys(map(str, ErrorReason), 0))
     buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     duration_sum: float = 0.0
 
@@ -57,7 +58,9 @@ class ApiStats:
         self._orgs: dict[str, _OrgApiStats] = {}
 
     def observe(self, attempt: Attempt) -> None:
-        stats = self._orgs.setdefault(attempt.org_set, _OrgApiStats())
+        stats = self._orgs.get(attempt.org_set)
+        if stats is None:
+            return  # a reply for an org set a reload removed while it was in flight
         if attempt.status is not None:
             code = str(attempt.status)
             stats.codes[code] = stats.codes.get(code, 0) + 1
@@ -66,12 +69,14 @@ class ApiStats:
         stats.buckets[bisect.bisect_left(LATENCY_BUCKETS, attempt.duration)] += 1
         stats.duration_sum += attempt.duration
 
-    def retain(self, org_sets: Iterable[str]) -> None:
-        """Forget the counters of org sets a reload removed, so their series disappear."""
+    def track(self, org_sets: Iterable[str]) -> None:
+        """Count for exactly these org sets: new ones start at 0, removed ones' series disappear."""
         keep = set(org_sets)
         for name in list(self._orgs):
             if name not in keep:
                 del self._orgs[name]
+        for name in keep:
+            self._orgs.setdefault(name, _OrgApiStats())
 
     def items(self) -> Iterator[tuple[str, _OrgApiStats]]:
         return iter(sorted(self._orgs.items()))

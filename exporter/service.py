@@ -38,6 +38,7 @@ class Exporter:
         self._sleep = sleep
         self._random = random
         self.stats = ApiStats()
+        self.stats.track(s.name for s in config.org_sets)
         self.reload_status = ReloadStatus(successful=True, last_success=clock())
         self._poller: Poller | None = None
         self._was_ready = False
@@ -105,7 +106,7 @@ class Exporter:
             return False
         if self._poller is not None:
             self._poller.apply_config(config)
-        self.stats.retain(s.name for s in config.org_sets)
+        self.stats.track(s.name for s in config.org_sets)
         self.reload_status.successful = True
         self.reload_status.last_success = self._clock()
         log.info("config reloaded", extra={"org_sets": len(config.org_sets),
