@@ -721,6 +721,9 @@ def test_prometheus_rule_embeds_the_rules_file_with_thresholds_overridden(all_en
             name = r.get("record", "").removeprefix("devin:threshold:")
             if r.get("record", "").startswith("devin:threshold:") and name in overrides:
                 r["expr"] = f"vector({overrides[name]})"
+            if "alert" in r:  # runbook links follow runbookBaseUrl
+                r["annotations"]["runbook_url"] = (
+                    "https://git.example.com/devin-usage-exporter/README.md#" + r["alert"].lower())
     assert rule["spec"]["groups"] == expected
     exprs = {r["record"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"] if "record" in r}
     assert exprs["devin:threshold:merge_rate_drop_ratio"] == "vector(0.3)"
