@@ -19,6 +19,7 @@ from exporter.config import Config, ConfigError, load_config, parse_listen
 from exporter.logs import LOG_LEVELS, setup_logging
 from exporter.server import create_app
 from exporter.service import Exporter
+from exporter.shard import Shard, parse_shard
 
 log = logging.getLogger("exporter")
 
@@ -28,6 +29,13 @@ SHUTDOWN_TIMEOUT = 2.0  # seconds for open scrapes to finish; SIGTERM must exit 
 def _listen(text: str) -> tuple[str, int]:
     try:
         return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _shard(text: str) -> Shard:
+    try:
+        return parse_shard(text, os.environ)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -43,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="YAML config (default: $DEVIN_EXPORTER_CONFIG, else config.yaml)")
     parser.add_argument("--listen", metavar="HOST:PORT", type=_listen,
                         help="address to serve /metrics on (overrides server.listen)")
+    parser.add_argument("--shard", metavar="INDEX/COUNT", type=_shard,
+                        help="poll only this replica's share of the org sets, split among COUNT replicas by "
+                        "a hash of their names (overrides `shard` in the config); auto/COUNT takes INDEX "
+                        "from the trailing -N of $HOSTNAME, as in a StatefulSet pod name")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     parser.add_argument("--log-format", choices=("logfmt", "json"), default="logfmt")
     mode = parser.add_mutually_exclusive_group()
@@ -75,6 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.listen:
             config = dataclasses.replace(
                 config, server=dataclasses.replace(config.server, host=args.listen[0], port=args.listen[1]))
+        if args.shard is not None:
+            config = config.with_shard(args.shard)
+        if config.shard is not None and not config.org_sets:
+            # Not an error: replicas outnumbering org sets is a valid (if wasteful) deployment.
+            log.warning("this shard owns none of the org sets; serving health metrics only",
+                        extra={"shard": str(config.shard), "org_sets": len(config.all_org_sets)})
         return config
 
     try:
@@ -116,6 +134,12 @@ async def _once(config: Config) -> int:
 async def serve(exporter: Exporter, reload: Callable[[], Config], *, announce: str | None = None) -> int:
     """Serve until SIGTERM/SIGINT; SIGHUP reloads the config through `reload`."""
     server = exporter.config.server
+    tls = server.web_config.tls if server.web_config is not None else None
+    try:
+        ssl_context = tls.ssl_context() if tls is not None else None
+    except ConfigError as exc:  # a certificate removed or replaced since the config was checked
+        log.error("config error: %s", exc)
+        return 2
     # Handlers first, so a SIGTERM during start-up is still a clean stop.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -126,13 +150,14 @@ async def serve(exporter: Exporter, reload: Callable[[], Config], *, announce: s
                            shutdown_timeout=SHUTDOWN_TIMEOUT)
     try:
         await runner.setup()  # starts polling through the app's cleanup_ctx
-        await web.TCPSite(runner, server.host, server.port).start()
+        await web.TCPSite(runner, server.host, server.port, ssl_context=ssl_context).start()
     except OSError as exc:
         log.error("cannot listen on %s: %s", server.listen, exc.strerror or exc)
         await runner.cleanup()
         return 1
     host, port = runner.addresses[0][:2]
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+    scheme = "https" if ssl_context is not None else "http"
+    url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}/"
     log.info("listening", extra={"url": url, "version": __version__})
     if announce:
         print(announce.format(url=url), flush=True)

@@ -19,6 +19,8 @@ from http import HTTPStatus
 from typing import Final
 
 import aiohttp
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from exporter import USER_AGENT
 from exporter.config import ApiSettings
@@ -172,18 +174,29 @@ def parse_retry_after(value: str, now: float) -> float | None:
     return min(seconds, RETRY_AFTER_CAP)
 
 
-def new_session(*, trust_env: bool = True) -> aiohttp.ClientSession:
+def new_session() -> aiohttp.ClientSession:
     """The one process-wide session. Call it from inside the running event loop; close it on shutdown.
 
-    `trust_env` honours HTTP(S)_PROXY / NO_PROXY, since exporters commonly sit behind an egress
-    proxy; pass False for loopback use (the demo simulator) if a proxy variable is set.
+    It does not read the environment itself (trust_env=False): aiohttp would then look up the
+    proxy and ~/.netrc in a worker thread on every request, two thread hops per call, and a netrc
+    entry for the API host would make every request fail next to our Authorization header.
+    UsageClient resolves HTTP(S)_PROXY / NO_PROXY once per base URL instead (see env_proxy).
     """
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=CONNECTOR_LIMIT, ttl_dns_cache=300),
         # Nothing upstream needs cookies, and a jar would be state shared across org sets.
         cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=trust_env,
+        trust_env=False,
     )
+
+
+def env_proxy(base_url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+    """The HTTP(S)_PROXY for `base_url` unless NO_PROXY exempts its host, as aiohttp's trust_env
+    picks it (exporters commonly sit behind an egress proxy); (None, None) for none."""
+    try:
+        return get_env_proxy_for_url(URL(base_url))
+    except (LookupError, ValueError):
+        return None, None
 
 
 class _InFlightLimit:
@@ -369,9 +382,12 @@ class UsageClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         random: Callable[[], float] = _random.random,
         observer: Callable[[Attempt], None] | None = None,
+        proxy_from_env: bool = True,
     ) -> None:
         self._session = session
         self._settings = settings
+        self._proxy_from_env = proxy_from_env
+        self._proxy = env_proxy(settings.base_url) if proxy_from_env else (None, None)
         self._monotonic = monotonic
         self._wall_clock = wall_clock
         self._sleep = sleep
@@ -394,6 +410,7 @@ class UsageClient:
     def update_settings(self, settings: ApiSettings) -> None:
         """Config reload: the new key, URL, timeout, retries and limits apply to later attempts."""
         self._settings = settings
+        self._proxy = env_proxy(settings.base_url) if self._proxy_from_env else (None, None)
         self._in_flight.set_limit(settings.max_concurrency)
 
     async def fetch(self, query: UsageQuery) -> dict[str, float]:
@@ -524,6 +541,8 @@ class UsageClient:
                     timeout=aiohttp.ClientTimeout(total=settings.timeout),
                     # A redirect would carry the bearer token to wherever Location points.
                     allow_redirects=False,
+                    proxy=self._proxy[0],
+                    proxy_auth=self._proxy[1],
                 ) as response:
                     status = response.status
                     retry_after = self._honour_retry_after(status, response.headers.get("Retry-After"))
@@ -572,6 +591,14 @@ class UsageClient:
     def _interpret(
         self, status: int, body: bytes, truncated: bool, retry_after: float | None, location: str | None
     ) -> dict[str, float] | ApiError:
+        # Scrub the key before any text is cut short: _error's scrub cannot recognise a key that
+        # truncation cut in half (`apk_user_AB12…`), and that first half would reach the log. On a
+        # good reply this also keeps an echoed key from becoming an extra field's metric name.
+        # (Only keys of a real key's length: scrubbing a one-letter test key would mangle the JSON.)
+        key = self._settings.api_key.reveal()
+        if len(key) >= 8:
+            body = body.replace(key.encode(), b"***")
+            location = location.replace(key, "***") if location else location
         reason = _classify_status(status)
         if reason is None:
             if truncated:

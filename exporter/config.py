@@ -7,16 +7,20 @@ import math
 import os
 import re
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Final, Literal, Mapping, NoReturn, Sequence
+from typing import TYPE_CHECKING, Final, Literal, Mapping, NoReturn, Sequence
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
 from exporter.secret import ApiKey
+from exporter.shard import Shard, parse_shard
+
+if TYPE_CHECKING:  # webconfig.py imports this module's YAML walker
+    from exporter.webconfig import WebConfig
 
 DEFAULT_BASE_URL: Final = "https://api.devin.ai"
 DEFAULT_LISTEN: Final = "0.0.0.0:9877"
@@ -113,6 +117,7 @@ class ServerSettings:
     host: str = "0.0.0.0"
     port: int = 9877
     web_config_file: str | None = None
+    web_config: WebConfig | None = None  # the parsed file, validated with the rest of the config
 
     @property
     def listen(self) -> str:
@@ -127,11 +132,24 @@ class Config:
     org_sets: tuple[OrgSet, ...]
     server: ServerSettings
     source: str = "<config>"
+    shard: Shard | None = None  # this replica's share of the org sets; None: it polls all of them
+    all_org_sets: tuple[OrgSet, ...] = ()  # with a shard: every org set in the file, before the split
+
+    def with_shard(self, shard: Shard | None) -> Config:
+        """The config of replica `shard`: the org sets it owns (every one for None)."""
+        every = self.all_org_sets if self.shard is not None else self.org_sets
+        if shard is None:
+            return replace(self, org_sets=every, shard=None, all_org_sets=())
+        return replace(self, org_sets=tuple(s for s in every if shard.owns(s.name)), shard=shard,
+                       all_org_sets=every)
 
     def summary(self) -> str:
         schedules = sum(len(s.windows) for s in self.org_sets)
+        sets = f"{len(self.org_sets)} org set(s)"
+        if self.shard is not None:
+            sets = f"shard {self.shard}: {len(self.org_sets)} of {len(self.all_org_sets)} org set(s)"
         return (
-            f"{self.source}: OK: {len(self.org_sets)} org set(s), {schedules} schedule(s) "
+            f"{self.source}: OK: {sets}, {schedules} schedule(s) "
             f"(org set x window), API {self.api.base_url}, listen {self.server.listen}"
         )
 
@@ -144,6 +162,9 @@ _DURATION_RE: Final = re.compile(
 _DURATION_UNITS: Final = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
 _LABEL_NAME_RE: Final = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _SECRET_ENV_RE: Final = re.compile(r"KEY|TOKEN|SECRET|PASSW", re.IGNORECASE)
+# Devin API keys (`apk_user_…`, `apk_…`): a key written literally into the wrong field (say
+# api_key_file: apk_user_…, or as a base_url) would otherwise be quoted back in the error and the log.
+_API_KEY_SHAPE_RE: Final = re.compile(r"apk_[A-Za-z0-9_\-]{6,}")
 _ENV_RE: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -325,7 +346,7 @@ def _expand_env(node: _Node, env: Mapping[str, str]) -> object:
 
 # --- sections ---------------------------------------------------------------------------------
 
-_TOP_KEYS: Final = ("api", "poll", "windows", "org_sets", "server")
+_TOP_KEYS: Final = ("api", "poll", "windows", "org_sets", "server", "shard")
 _API_KEYS: Final = ("base_url", "api_key", "api_key_file", "timeout", "max_concurrency",
                     "max_requests_per_second", "retries")
 _POLL_KEYS: Final = ("interval", "jitter", "delay", "stale_after", "timezone")
@@ -479,14 +500,16 @@ def _org_sets(node: _Node, global_windows: tuple[Window, ...], interval: float) 
     if node.value is None or node.value == []:
         node.fail("must list at least one org set (for example `- name: enterprise`)")
     sets: list[OrgSet] = []
+    names: set[str] = set()  # not a scan of `sets`: that is quadratic, and configs reach thousands
     label_names: set[tuple[str, ...]] = set()
     for item in node.sequence():
         keys = item.mapping(_ORG_SET_KEYS)
         if "name" not in keys:
             item.fail("an org set needs a `name`")
         name = keys["name"].string().strip()
-        if any(s.name == name for s in sets):
+        if name in names:
             keys["name"].fail(f"duplicate org set name {name!r}")
+        names.add(name)
         windows = _windows(keys["windows"], interval) if "windows" in keys else global_windows
         labels = _labels(keys["labels"]) if "labels" in keys else ()
         label_names.add(tuple(n for n, _ in labels))
@@ -513,7 +536,11 @@ def _server(node: _Node, base_dir: Path) -> ServerSettings:
         web_config = str(base_dir / keys["web_config_file"].string())
         if not Path(web_config).is_file():
             keys["web_config_file"].fail(f"{web_config} does not exist")
-    return ServerSettings(host=host, port=port, web_config_file=web_config)
+    # Parsed here so --check-config and a SIGHUP reload catch a broken web config (TLS, users).
+    from exporter.webconfig import load_web_config  # imports this module; loaded on first use
+
+    parsed = load_web_config(web_config) if web_config is not None else None
+    return ServerSettings(host=host, port=port, web_config_file=web_config, web_config=parsed)
 
 
 # --- entry points -----------------------------------------------------------------------------
@@ -531,6 +558,7 @@ def parse_config(text: str, source: str = "<config>", *, env: Mapping[str, str] 
         for name, value in env.items():
             if len(value) >= 8 and _SECRET_ENV_RE.search(name) and value in message:
                 message = message.replace(value, f"<${{{name}}}>")
+        message = _API_KEY_SHAPE_RE.sub("apk_***", message)
         raise ConfigError(message) from None
 
 
@@ -553,7 +581,7 @@ def _build_config(text: str, source: str, env: Mapping[str, str], base_dir: Path
         windows = _windows(keys["windows"], poll.interval)
     else:
         windows = tuple(_window(root.child("windows", w), poll.interval) for w in DEFAULT_WINDOWS)
-    return Config(
+    config = Config(
         api=_api(keys.get("api", root.child("api", None)), env, base_dir),
         poll=poll,
         windows=windows,
@@ -561,6 +589,20 @@ def _build_config(text: str, source: str, env: Mapping[str, str], base_dir: Path
         server=_server(keys.get("server", root.child("server", None)), base_dir),
         source=source,
     )
+    # Every org set was validated above (a duplicate name is an error on every replica alike).
+    return config.with_shard(_shard(keys["shard"], env)) if "shard" in keys else config
+
+
+def _shard(node: _Node, env: Mapping[str, str]) -> Shard | None:
+    if node.value is None or node.value == "":  # empty: `shard: ${EXPORTER_SHARD:-}` left unset
+        return None
+    if not isinstance(node.value, str):
+        node.fail(f"must be INDEX/COUNT or auto/COUNT as a string (for example 0/3), "
+                  f"got {_describe(node.value)}")
+    try:
+        return parse_shard(node.value, env)
+    except ValueError as exc:
+        node.fail(str(exc))
 
 
 def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import platform
 import re
 import time
@@ -16,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.client import Attempt, ErrorReason
-
+from exporter.config import OrgSet
 from exporter.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class _OrgApiStats:
     reasons: dict[str, int] = field(default_factory=lambda: dict.fromkeys(map(str, ErrorReason), 0))
     buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     duration_sum: float = 0.0
+    version: int = 0  # bumped on every change, so a rendered exposition knows when it is out of date
 
 
 class ApiStats:
@@ -56,6 +58,7 @@ class ApiStats:
 
     def __init__(self) -> None:
         self._orgs: dict[str, _OrgApiStats] = {}
+        self.version = 0  # bumped on every change to any org set's counts or to the set of org sets
 
     def observe(self, attempt: Attempt) -> None:
         stats = self._orgs.get(attempt.org_set)
@@ -68,6 +71,8 @@ class ApiStats:
             stats.reasons[str(attempt.reason)] = stats.reasons.get(str(attempt.reason), 0) + 1
         stats.buckets[bisect.bisect_left(LATENCY_BUCKETS, attempt.duration)] += 1
         stats.duration_sum += attempt.duration
+        stats.version += 1
+        self.version += 1
 
     def track(self, org_sets: Iterable[str]) -> None:
         """Count for exactly these org sets: new ones start at 0, removed ones' series disappear."""
@@ -77,6 +82,7 @@ class ApiStats:
                 del self._orgs[name]
         for name in keep:
             self._orgs.setdefault(name, _OrgApiStats())
+        self.version += 1
 
     def items(self) -> Iterator[tuple[str, _OrgApiStats]]:
         return iter(sorted(self._orgs.items()))
@@ -101,14 +107,19 @@ class ExporterCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
-        yield from self._usage(snap)
-        yield from self._health(snap)
-        yield from self._api()
-        yield from self._exporter()
+        yield from self.usage_families(snap, snap.config.org_sets, self._clock())[0]
+        yield from self.health_families(snap, snap.config.org_sets)
+        yield from self.api_families(self._stats.items())
+        yield from self.exporter_families()
 
-    def _usage(self, snap: Snapshot) -> Iterator[Metric]:
+    # Each group below is built for any subset of org sets, so the cached exposition
+    # (exposition.py) can render one org set at a time and merge the results by family.
+
+    def usage_families(self, snap: Snapshot, org_sets: Iterable[OrgSet],
+                       now: float) -> tuple[list[Metric], float]:
+        """The usage families with samples, and the time after which one of them goes stale."""
         config = snap.config
-        now = self._clock()
+        horizon = math.inf
         help_tail = (f"; refreshed by a background poller every {_seconds(config.poll.interval)} "
                      "by default (per-window intervals may differ), not at scrape time")
         families: dict[str, Metric] = {}
@@ -116,18 +127,22 @@ class ExporterCollector(Collector):
             families[api_field] = Metric(f"devin_usage_{suffix}",
                                          f"Count of {what} in the trailing window, as returned by the "
                                          f"Devin usage API{help_tail}", "gauge")
-        for org_set, window in snap.schedules():
+        for org_set, window in ((s, w) for s in org_sets for w in s.windows):
             result = snap.result(org_set.name, window.name)
             if result.values is None or result.last_success is None:
                 continue
-            if now - result.last_success > config.poll.stale_after * window.interval:
+            # One expression for the test and the horizon, so a cached rendering expires exactly
+            # when this would first drop the series.
+            stale_at = result.last_success + config.poll.stale_after * window.interval
+            if now > stale_at:
                 continue  # stale: the health series stay so alerts can fire
+            horizon = min(horizon, stale_at)
             labels = {"org": org_set.name, "window": window.name, **dict(org_set.labels)}
             for api_field, value in result.values.items():
                 family = families.get(api_field) or self._extra_family(api_field, families, help_tail)
                 if family is not None:
                     family.add_sample(family.name, labels, value)
-        yield from (f for f in families.values() if f.samples)
+        return [f for f in families.values() if f.samples], horizon
 
     def _extra_family(self, api_field: str, families: dict[str, Metric], help_tail: str) -> Metric | None:
         """A family for a numeric field the API added beyond the documented five."""
@@ -143,7 +158,7 @@ class ExporterCollector(Collector):
         families[api_field] = family
         return family
 
-    def _health(self, snap: Snapshot) -> Iterator[Metric]:
+    def health_families(self, snap: Snapshot, org_sets: Iterable[OrgSet]) -> list[Metric]:
         up = Metric("devin_up", "1 if the latest poll of every window of the org set succeeded, else 0",
                     "gauge")
         last = Metric("devin_usage_last_success_timestamp_seconds",
@@ -151,7 +166,7 @@ class ExporterCollector(Collector):
         # Lets alert rules judge staleness relative to each window's own interval.
         interval = Metric("devin_exporter_poll_interval_seconds",
                           "Configured poll interval of the org set and window", "gauge")
-        for org_set in snap.config.org_sets:
+        for org_set in org_sets:
             up.add_sample("devin_up", {"org": org_set.name}, 1.0 if snap.up(org_set) else 0.0)
             for window in org_set.windows:
                 interval.add_sample(interval.name, {"org": org_set.name, "window": window.name},
@@ -159,17 +174,15 @@ class ExporterCollector(Collector):
                 ts = snap.result(org_set.name, window.name).last_success
                 if ts is not None:
                     last.add_sample(last.name, {"org": org_set.name, "window": window.name}, ts)
-        yield up
-        yield last
-        yield interval
+        return [up, last, interval]
 
-    def _api(self) -> Iterator[Metric]:
+    def api_families(self, orgs: Iterable[tuple[str, _OrgApiStats]]) -> list[Metric]:
         requests = Metric("devin_exporter_api_requests", "HTTP responses received from the Devin API, "
                           "by status code", "counter")
         errors = Metric("devin_exporter_api_errors", "Failed Devin API attempts, by reason", "counter")
         latency = Metric("devin_exporter_api_request_duration_seconds",
                          "Latency of each Devin API attempt", "histogram")
-        for org, stats in self._stats.items():
+        for org, stats in orgs:
             for code, count in sorted(stats.codes.items()):
                 requests.add_sample("devin_exporter_api_requests_total", {"org": org, "code": code}, count)
             for reason, count in sorted(stats.reasons.items()):
@@ -181,11 +194,9 @@ class ExporterCollector(Collector):
                 latency.add_sample(latency.name + "_bucket", {"org": org, "le": le}, cumulative)
             latency.add_sample(latency.name + "_count", {"org": org}, cumulative)
             latency.add_sample(latency.name + "_sum", {"org": org}, stats.duration_sum)
-        yield requests
-        yield errors
-        yield latency
+        return [requests, errors, latency]
 
-    def _exporter(self) -> Iterator[Metric]:
+    def exporter_families(self) -> list[Metric]:
         info = Metric("devin_exporter_build_info", "Build information; constant 1", "gauge")
         info.add_sample(info.name, {"version": __version__,
                                     "python_version": platform.python_version()}, 1.0)
@@ -195,9 +206,7 @@ class ExporterCollector(Collector):
         ts = Metric("devin_exporter_config_last_reload_success_timestamp_seconds",
                     "Unix time of the last successful config load or reload", "gauge")
         ts.add_sample(ts.name, {}, self._reload.last_success)
-        yield info
-        yield ok
-        yield ts
+        return [info, ok, ts]
 
 
 def build_registry(collector: ExporterCollector) -> CollectorRegistry:
@@ -208,10 +217,15 @@ def build_registry(collector: ExporterCollector) -> CollectorRegistry:
     # it knew by name.
     registry = CollectorRegistry(auto_describe=False, support_collectors_without_names=True)
     registry.register(collector)
+    register_runtime_collectors(registry)
+    return registry
+
+
+def register_runtime_collectors(registry: CollectorRegistry) -> None:
+    """The standard process_* and python_* families (the cached exposition renders them per scrape)."""
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
-    return registry
 
 
 

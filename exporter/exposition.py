@@ -1,0 +1,655 @@
+"""Serves /metrics from cached renderings: an org set's series are re-rendered when they change.
+
+Rendering 20,000 usage series with prometheus_client takes ~0.3 s, and gzip on top adds more; doing
+that on every scrape would make the exporter cost more than what it watches. So the output is
+kept as bytes, per content type:
+
+- a *chunk* per org set (and one per org set's API counters): that org set's samples of each
+  family, rendered by prometheus_client's own encoder, so the bytes are exactly its format. A
+  chunk is reused while its inputs are the same objects (the snapshot's results of that org set
+  and the config; the org set's API stats version) and, for usage series, until the earliest time
+  one of them goes stale (the collector's injected clock decides, as it would uncached).
+- a *segment* (usage, health, API families): its chunks merged by family, joined once into the
+  bytes every scrape sends, and — for gzip — deflated in blocks of ~16 chunks per family, each
+  block compressed once with a sync flush and kept until one of its chunks changes.
+
+The exporter's own small families (build info, reload status, process_*, python_*) are rendered
+on every scrape. A scrape sends the cached segments and that tail as they are, without copying
+them into one buffer. A gzip response is one gzip member: header, the cached deflate blocks, the
+fresh tail, a final empty block, then CRC-32 and length (RFC 1951/1952; pigz assembles streams the
+same way) — not several members, which some clients (curl) stop reading after the first of.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import math
+import re
+import struct
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from aiohttp import hdrs, web
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.exposition import ALLOWUTF8, UNDERSCORES
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
+
+from exporter.metrics import ApiStats, ExporterCollector, register_runtime_collectors
+from exporter.snapshot import Snapshot
+
+Encoder = Callable[[Collector], bytes]
+log = logging.getLogger(__name__)
+
+# Deflate level of cached pieces: each piece is compressed once, so a higher level costs little.
+GZIP_LEVEL: Final = 6
+# Content types kept at once; Prometheus uses one, a person with curl or a browser another.
+MAX_FORMATS: Final = 4
+# Chunks per block on average. Smaller blocks recompress less after a change; larger ones compress
+# better (each piece starts with an empty dictionary).
+BLOCK_CHUNKS: Final = 16
+# Bodies above this size are sent as their cached parts rather than joined into one buffer.
+STREAM_ABOVE: Final = 1 << 20
+# How often the formats in use are brought up to date in the background (see Exposition.run), and
+# how long after its last scrape a format stops being kept up to date.
+REFRESH_SECONDS: Final = 0.25
+FORMAT_IDLE_SECONDS: Final = 600.0
+# Render this many chunks, then let the event loop run: a full render of 1,000 org sets must not
+# stall the poller (or other scrapes) for its whole duration.
+RENDERS_PER_YIELD: Final = 32
+
+_GZIP_HEADER: Final = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, OS unknown
+_EOF: Final = b"# EOF\n"
+_HELP_LINE: Final = re.compile(rb"^# HELP ", re.MULTILINE)
+
+
+def _final_block() -> bytes:
+    return zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS).flush()  # b"\x03\x00"
+
+
+_FINAL_BLOCK: Final = _final_block()
+
+
+def _deflate(data: bytes) -> bytes:
+    """Raw deflate of `data`, byte-aligned and not final, so it can be followed by more blocks."""
+    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+
+
+class _Families(Collector):
+    """A fixed list of families, posing as a collector for the encoder."""
+
+    def __init__(self, families: Sequence[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+class _Unsplittable(Exception):
+    """The encoder's output did not have one `# HELP` line per family; render uncached."""
+
+
+def _split(output: bytes, families: Sequence[Metric]) -> dict[str, tuple[bytes, bytes]]:
+    """Encoder output -> family name -> (header lines, sample lines), in output order.
+
+    Sample lines never start with `#` (a name, or `{` for a quoted UTF-8 name; newlines in label
+    values are escaped), so each family is its `# HELP` line up to the next one.
+    """
+    if output.endswith(_EOF):
+        output = output[: -len(_EOF)]
+    if not families and not output:
+        return {}
+    starts = [m.start() for m in _HELP_LINE.finditer(output)]
+    if len(starts) != len(families) or not starts or starts[0] != 0:
+        raise _Unsplittable(f"{len(starts)} HELP lines for {len(families)} families")
+    out: dict[str, tuple[bytes, bytes]] = {}
+    for family, start, end in zip(families, starts, [*starts[1:], len(output)], strict=True):
+        block = output[start:end]
+        header_end = 0
+        while block.startswith(b"#", header_end):
+            header_end = block.index(b"\n", header_end) + 1
+        out[family.name] = (block[:header_end], block[header_end:])
+    return out
+
+
+class _Chunk:
+    """One org set's rendered samples of each of its families."""
+
+    __slots__ = ("families", "inputs", "names", "valid_from", "valid_until")
+
+    def __init__(self, inputs: tuple[object, object], families: dict[str, tuple[bytes, bytes]],
+                 valid_from: float = -math.inf, valid_until: float = math.inf) -> None:
+        self.inputs = inputs  # what it was rendered from, compared by identity (or version number)
+        # family name -> (header lines, sample lines); emptied once a segment holds the bytes
+        self.families = families
+        self.names = tuple(families)  # interned by the segment, so equal tuples are one object
+        self.valid_from = valid_from  # usage chunks: valid from their render time ...
+        self.valid_until = valid_until  # ... until their first series goes stale
+
+
+class _Column:
+    """One family's sample lines for every org set of a segment, kept as bytes in blocks of
+    BLOCK_CHUNKS org sets with each org set's end offset, so one org set's lines are replaced by
+    rebuilding a few KiB, and a scrape joins tens of blocks rather than thousands of pieces."""
+
+    __slots__ = ("blocks", "deflated", "ends")
+
+    def __init__(self, cells: list[bytes]) -> None:
+        self.blocks: list[bytes] = []
+        self.ends: list[list[int]] = []
+        for start in range(0, len(cells), BLOCK_CHUNKS):
+            block = cells[start:start + BLOCK_CHUNKS]
+            self.blocks.append(b"".join(block))
+            self.ends.append(list(itertools.accumulate(map(len, block))))
+        self.deflated: list[bytes | None] = [None] * len(self.blocks)  # made on first gzip scrape
+
+    def set(self, index: int, samples: bytes) -> None:
+        number, cell = divmod(index, BLOCK_CHUNKS)
+        ends, raw = self.ends[number], self.blocks[number]
+        start, end = ends[cell - 1] if cell else 0, ends[cell]
+        if raw[start:end] == samples:
+            return
+        self.blocks[number] = b"".join((raw[:start], samples, raw[end:]))
+        delta = len(samples) - (end - start)
+        for k in range(cell, len(ends)):
+            ends[k] += delta
+        self.deflated[number] = None
+
+    def deflate(self) -> list[bytes]:
+        for number, block in enumerate(self.deflated):
+            if block is None:
+                raw = self.blocks[number]
+                self.deflated[number] = _deflate(raw) if raw else b""
+        return self.deflated  # type: ignore[return-value]  # no None left
+
+
+class _Segment:
+    """A group of families (usage, health or API) whose samples come from many org sets.
+
+    Families are in the order in which they first appear scanning the org sets, each family's
+    samples in org set order — what rendering them all at once gives. Replacing an org set's
+    chunk touches only its own lines.
+    """
+
+    def __init__(self, skeleton: dict[str, tuple[bytes, bytes]]) -> None:
+        self._skeleton = list(skeleton)  # families present even with no org set
+        self._headers = {name: header for name, (header, _) in skeleton.items()}
+        self.names: list[str] = []  # org sets, in output order
+        self.chunks: list[_Chunk] = []
+        self._columns: dict[str, _Column] = {}
+        self._order: list[str] = list(skeleton)
+        self._interned: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self._deflated_headers: dict[str, bytes] = {}
+        self._raw: bytes | None = None
+        self._previous: bytes | None = None  # the last raw(), kept until the next one is made
+        self._deflated: bytes | None = None
+
+    def reset(self, names: list[str], chunks: list[_Chunk]) -> None:
+        self.names, self.chunks = names, chunks
+        # A reload may change a header (the usage HELP text names the poll interval).
+        self._headers = {name: self._headers[name] for name in self._skeleton}
+        self._deflated_headers = {}
+        cells: dict[str, list[bytes]] = {}
+        for index, chunk in enumerate(chunks):
+            chunk.names = self._interned.setdefault(chunk.names, chunk.names)
+            for name, (header, samples) in chunk.families.items():
+                if name not in cells:
+                    cells[name] = [b""] * len(chunks)
+                    self._headers[name] = header
+                cells[name][index] = samples
+            chunk.families = {}  # the column holds the bytes now
+        self._columns = {name: _Column(column) for name, column in cells.items()}
+        self._reorder()
+
+    def replace(self, index: int, chunk: _Chunk) -> None:
+        old = self.chunks[index]
+        self.chunks[index] = chunk
+        chunk.names = self._interned.setdefault(chunk.names, chunk.names)
+        for name in old.names:
+            if name not in chunk.families:
+                self._columns[name].set(index, b"")
+        for name, (header, samples) in chunk.families.items():
+            column = self._columns.get(name)
+            if column is None:  # a family no org set had before (an extra API field)
+                column = self._columns[name] = _Column([b""] * len(self.chunks))
+                self._headers[name] = header
+            column.set(index, samples)
+        chunk.families = {}
+        if chunk.names is not old.names:
+            self._reorder()  # a family may have appeared or gone
+        self._raw = self._deflated = None
+
+    def _reorder(self) -> None:
+        order = dict.fromkeys(self._skeleton)
+        seen: tuple[str, ...] | None = None
+        for chunk in self.chunks:
+            if chunk.names is not seen:  # most org sets have the same families: one identity test
+                seen = chunk.names
+                for name in seen:
+                    order.setdefault(name)
+        self._order = list(order)
+        self._raw = self._deflated = None
+
+    def parts(self) -> Iterator[bytes]:
+        for name in self._order:
+            yield self._headers[name]
+            column = self._columns.get(name)
+            if column is not None:
+                yield from column.blocks
+
+    def raw(self) -> bytes:
+        """The segment's bytes, joined once per change (a scrape then sends them as they are)."""
+        if self._raw is None:
+            # The previous bytes are let go only now, after the new ones are made: freed first,
+            # their space was often handed back to the OS and the new bytes faulted in page by
+            # page, which made this join several times slower than the copy itself.
+            self._raw = self._previous = b"".join(self.parts())
+        return self._raw
+
+    def deflated(self) -> bytes:
+        """raw(), deflated from cached blocks: only blocks with a changed line are compressed."""
+        if self._deflated is None:
+            parts: list[bytes] = []
+            for name in self._order:
+                header = self._deflated_headers.get(name)
+                if header is None:
+                    header = self._deflated_headers[name] = _deflate(self._headers[name])
+                parts.append(header)
+                column = self._columns.get(name)
+                if column is not None:
+                    parts.extend(column.deflate())
+            self._deflated = b"".join(parts)
+        return self._deflated
+
+
+@dataclass(eq=False)
+class _Body:
+    """What a scrape of one content type sends from cache, for one snapshot and API stats version."""
+
+    snapshot: Snapshot
+    stats_version: int
+    valid_from: float
+    valid_until: float  # the staleness horizon: the earliest time a published usage series expires
+    segments: tuple[_Segment, ...]
+    _crc: int | None = None
+    _size: int = 0
+
+    def raw(self) -> list[bytes]:
+        return [segment.raw() for segment in self.segments]
+
+    def prepare_gzip(self) -> int:
+        """The CRC-32 of the segments, and their deflated blocks made; returns the CRC."""
+        if self._crc is None:
+            crc = size = 0
+            for segment in self.segments:
+                for part in segment.parts():  # no need to join them for their CRC
+                    crc, size = zlib.crc32(part, crc), size + len(part)
+                segment.deflated()
+            self._crc, self._size = crc, size
+        return self._crc
+
+    def gzip_parts(self, tail: bytes) -> list[bytes]:
+        """One gzip member: the segments' cached deflate blocks, then `tail` compressed now."""
+        self.prepare_gzip()
+        assert self._crc is not None
+        trailer = struct.pack("<II", zlib.crc32(tail, self._crc), (self._size + len(tail)) & 0xFFFFFFFF)
+        return [_GZIP_HEADER, *(segment.deflated() for segment in self.segments),
+                _deflate(tail) + _FINAL_BLOCK + trailer]
+
+
+_LEGACY_NAME: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+def _fast_encoder(encoder: Encoder) -> Encoder | None:
+    """The same format without per-character escaping of names, where that gives the same bytes.
+
+    OpenMetrics with escaping=underscores (what Prometheus 2 negotiates) rewrites every sample
+    name one character at a time, which is most of the cost of rendering an org set. For names
+    made only of [a-zA-Z0-9_] that rewrite changes nothing, and escaping=allow-utf-8 writes them
+    as they are; all of this exporter's metric and label names are such names (fixed, or checked
+    by config.py and metrics.py), and render() checks each chunk's before using it.
+    """
+    if (isinstance(encoder, functools.partial) and encoder.func is generate_openmetrics
+            and encoder.keywords.get("escaping") == UNDERSCORES):
+        return functools.partial(encoder.func, *encoder.args, **{**encoder.keywords, "escaping": ALLOWUTF8})
+    return None
+
+
+def _legacy_names(families: Sequence[Metric]) -> bool:
+    names = {family.name for family in families}
+    for family in families:
+        for sample in family.samples:
+            names.add(sample.name)
+            names.update(sample.labels)
+    return all(_LEGACY_NAME.fullmatch(name) for name in names)
+
+
+class _Format:
+    """Everything cached for one negotiated content type."""
+
+    def __init__(self, encoder: Encoder, collector: ExporterCollector, snap: Snapshot,
+                 fresh: Collector) -> None:
+        self.encoder = encoder
+        self._fast = _fast_encoder(encoder)
+        self.tail = _Tail(fresh, encoder)
+        self._headers: dict[bytes, bytes] = {}
+        self.usage = _Segment({})
+        self.health = _Segment(self.render(collector.health_families(snap, ())))
+        self.api = _Segment(self.render(collector.api_families(())))
+        self.body: _Body | None = None
+        self.lock = asyncio.Lock()
+        self.splittable = True
+        self.last_used = -math.inf  # monotonic time a scrape last asked for this format
+        self.gap: float | None = None  # seconds between its last two scrapes
+        self.gzip = False  # whether one asked for it gzip-compressed
+
+    def render(self, families: Sequence[Metric]) -> dict[str, tuple[bytes, bytes]]:
+        encoder = self._fast if self._fast is not None and _legacy_names(families) else self.encoder
+        rendered = _split(encoder(_Families(families)), families)
+        # Every org set's chunk repeats the same HELP/TYPE lines: keep one copy of each (at 1,000
+        # org sets that is megabytes). A reload can change them, so the table is bounded, not fixed.
+        if len(self._headers) > 1000:
+            self._headers.clear()
+        return {name: (self._headers.setdefault(header, header), samples)
+                for name, (header, samples) in rendered.items()}
+
+
+class _Fresh(Collector):
+    """Families rendered on every scrape: small, and they change all the time (process CPU, memory)."""
+
+    def __init__(self, collector: ExporterCollector) -> None:
+        self._collector = collector
+        # Twins of the app registry's: they only read /proc and the interpreter.
+        self._runtime = CollectorRegistry(auto_describe=False)
+        register_runtime_collectors(self._runtime)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._collector.exporter_families()
+        yield from self._runtime.collect()
+
+
+class _Tail:
+    """The per-scrape families in one format. Their layout (families, sample names and labels)
+    does not change between scrapes, only their values: the encoder renders them once, and later
+    scrapes format only the new values into that layout, with the encoder's own float format, in
+    about a third of the encoder's time. Any change of layout renders with the encoder again."""
+
+    def __init__(self, fresh: Collector, encoder: Encoder) -> None:
+        self._fresh = fresh
+        self._encoder = encoder
+        self._layout: list[tuple[str, dict[str, str]]] | None = None  # (sample name, labels) in order
+        # The text before each sample's value, then the text after the last one.
+        self._pieces: list[bytes] = []
+
+    def render(self) -> bytes:
+        families = list(self._fresh.collect())
+        samples = [sample for family in families for sample in family.samples]
+        if self._fits(samples):
+            parts: list[bytes] = []
+            for piece, sample in zip(self._pieces[:-1], samples, strict=True):
+                parts += (piece, _value(sample.value))
+            parts.append(self._pieces[-1])
+            return b"".join(parts)
+        output = self._encoder(_Families(families))
+        self._learn(output, samples)
+        return output
+
+    def _fits(self, samples: list[Sample]) -> bool:
+        layout = self._layout
+        return layout is not None and len(layout) == len(samples) and all(
+            s.name == name and s.labels == labels and _plain(s)
+            for s, (name, labels) in zip(samples, layout, strict=True))
+
+    def _learn(self, output: bytes, samples: list[Sample]) -> None:
+        """Cut `output` before each sample's value; no layout if a line is not `NAME{LABELS} VALUE`."""
+        self._layout = None
+        pieces: list[bytes] = []
+        text = b""
+        remaining = iter(samples)
+        for line in output.splitlines(keepends=True):
+            if line.startswith(b"#"):
+                text += line
+                continue
+            sample = next(remaining, None)
+            suffix = b" " + _value(sample.value) + b"\n" if sample is not None else b""
+            if sample is None or not _plain(sample) or not line.endswith(suffix):
+                return
+            pieces.append(text + line[: -len(suffix) + 1])
+            text = b"\n"
+        if next(remaining, None) is not None:
+            return
+        pieces.append(text)
+        self._pieces, self._layout = pieces, [(s.name, dict(s.labels)) for s in samples]
+
+
+def _value(value: float) -> bytes:
+    """A sample value as both prometheus_client encoders write it."""
+    text: str = floatToGoString(value)  # type: ignore[no-untyped-call]
+    return text.encode()
+
+
+def _plain(sample: Sample) -> bool:
+    return sample.timestamp is None and sample.exemplar is None and sample.native_histogram is None
+
+
+class Exposition:
+    """Renders the registry's exposition from cached bytes; same output as `registry` renders itself."""
+
+    def __init__(self, collector: ExporterCollector, snapshot: Callable[[], Snapshot], stats: ApiStats,
+                 registry: CollectorRegistry, *, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._collector = collector
+        self._monotonic = monotonic
+        self._snapshot = snapshot
+        self._stats = stats
+        self.registry = registry  # the uncached path (name filter, --once) renders this
+        self._clock = clock
+        self._fresh = _Fresh(collector)
+        self._formats: OrderedDict[str, _Format] = OrderedDict()
+        self.renders = 0  # chunks rendered since start; tests use it to see what a scrape re-rendered
+
+    async def run(self, *, every: float = REFRESH_SECONDS,
+                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """Keep the formats scrapers ask for rendered as the snapshot changes (until cancelled).
+
+        Without this, a scrape renders everything that changed since the previous one: at the
+        start of a big poll cycle that is most of the org sets, so the scrape would wait on it.
+        Rendering a little every `every` seconds costs about the same in total, and a scrape finds
+        at most that much left to do. Only formats scraped regularly are kept up to date (see
+        refresh): a one-off `curl` must not double the rendering work for good.
+        """
+        failing = False
+        while True:
+            await sleep(every)
+            try:
+                await self.refresh(every)
+            except Exception:
+                if not failing:
+                    log.exception("rendering /metrics in the background failed; scrapes render it themselves")
+                failing = True
+            else:
+                failing = False
+
+    async def refresh(self, every: float = REFRESH_SECONDS) -> None:
+        """Bring up to date, as its next scrape would, every format that is being scraped
+        regularly: at least twice, and last less than two of its scrape intervals ago (at most
+        FORMAT_IDLE_SECONDS)."""
+        now = self._monotonic()
+        for fmt in list(self._formats.values()):
+            if fmt.body is None or fmt.gap is None:
+                continue
+            if now - fmt.last_used > min(2 * fmt.gap + every, FORMAT_IDLE_SECONDS):
+                continue
+            body = await self._body(fmt)
+            if body is not None and fmt.gzip:
+                body.prepare_gzip()
+
+    async def render(self, accept: str = "", *, gzip: bool = False) -> tuple[list[bytes], str]:
+        """The body for an `Accept` header value (gzip-compressed if asked), as parts to send one
+        after the other, and its Content-Type."""
+        encoder, content_type = choose_encoder(accept)
+        fmt = self._formats.get(content_type)
+        if fmt is None:
+            try:
+                fmt = _Format(encoder, self._collector, self._snapshot(), self._fresh)
+            except _Unsplittable:
+                fmt = None
+            else:
+                self._formats[content_type] = fmt
+                while len(self._formats) > MAX_FORMATS:
+                    self._formats.popitem(last=False)
+        if fmt is None or (body := await self._body(fmt)) is None:
+            # Never expected; kept so that a change in prometheus_client cannot break /metrics.
+            output = encoder(self.registry)
+            return [_gzip_whole(output) if gzip else output], content_type
+        self._formats.move_to_end(content_type)
+        now = self._monotonic()
+        if fmt.last_used > -math.inf:
+            fmt.gap = now - fmt.last_used
+        fmt.last_used, fmt.gzip = now, fmt.gzip or gzip
+        tail = fmt.tail.render()
+        return (body.gzip_parts(tail) if gzip else [*body.raw(), tail]), content_type
+
+    async def _body(self, fmt: _Format) -> _Body | None:
+        if not fmt.splittable:
+            return None
+        body = fmt.body
+        if body is not None and self._fresh_enough(body):
+            return body
+        async with fmt.lock:  # one render per content type at a time; a waiter reuses its result
+            body = fmt.body
+            if body is not None and self._fresh_enough(body):
+                return body
+            try:
+                body = await self._rebuild(fmt)
+            except _Unsplittable:
+                fmt.splittable = False
+                return None
+            fmt.body = body
+            return body
+
+    def _fresh_enough(self, body: _Body) -> bool:
+        return (body.snapshot is self._snapshot() and body.stats_version == self._stats.version
+                and body.valid_from <= self._clock() <= body.valid_until)
+
+    async def _rebuild(self, fmt: _Format) -> _Body:
+        """Re-render what changed since the format's last body: the org sets whose results are new
+        objects, those past their staleness horizon, and the org sets whose API stats moved."""
+        snap, now, version = self._snapshot(), self._clock(), self._stats.version
+        config, collector, previous = snap.config, self._collector, fmt.body
+        org_sets = config.org_sets
+        renders = 0
+
+        def render_usage(index: int) -> _Chunk:
+            org_set = org_sets[index]
+            families, horizon = collector.usage_families(snap, (org_set,), now)
+            return _Chunk((config, snap.results.get(org_set.name)), fmt.render(families), now, horizon)
+
+        def render_health(index: int) -> _Chunk:
+            org_set = org_sets[index]
+            families = collector.health_families(snap, (org_set,))
+            return _Chunk((config, snap.results.get(org_set.name)), fmt.render(families))
+
+        if previous is None or previous.snapshot.config is not config or now < previous.valid_from:
+            usage: list[_Chunk] = []
+            health: list[_Chunk] = []
+            for index in range(len(org_sets)):
+                usage.append(render_usage(index))
+                health.append(render_health(index))
+                renders += 2
+                if index % RENDERS_PER_YIELD == RENDERS_PER_YIELD - 1:
+                    await asyncio.sleep(0)  # a full render of 1,000 org sets must not stall polling
+            names = [s.name for s in org_sets]
+            fmt.usage.reset(names, usage)
+            fmt.health.reset(list(names), health)
+        else:
+            # Same config: the same org sets in the same order; find what differs from the last body.
+            old, new = previous.snapshot.results, snap.results
+            changed = {i for i, name in enumerate(fmt.usage.names) if new.get(name) is not old.get(name)}
+            expired = set()  # past the horizon: usage series to drop; the health series stay as they are
+            if now > previous.valid_until:
+                expired = {i for i, c in enumerate(fmt.usage.chunks) if now > c.valid_until}
+            for index in sorted(changed | expired):
+                fmt.usage.replace(index, render_usage(index))
+                renders += 1
+                if index in changed:
+                    fmt.health.replace(index, render_health(index))
+                    renders += 1
+                if renders >= RENDERS_PER_YIELD:
+                    self.renders += renders
+                    renders = 0
+                    await asyncio.sleep(0)
+        chunks = fmt.usage.chunks
+        valid_from = max((c.valid_from for c in chunks), default=-math.inf)
+        valid_until = min((c.valid_until for c in chunks), default=math.inf)
+
+        items = list(self._stats.items())
+        if [name for name, _ in items] != fmt.api.names:
+            api = []
+            for index, (name, stats) in enumerate(items):
+                families = collector.api_families([(name, stats)])
+                api.append(_Chunk((stats, stats.version), fmt.render(families)))
+                renders += 1
+                if index % RENDERS_PER_YIELD == RENDERS_PER_YIELD - 1:
+                    await asyncio.sleep(0)
+            fmt.api.reset([name for name, _ in items], api)
+        else:
+            old_api = fmt.api.chunks
+            for index, (name, stats) in enumerate(items):
+                inputs = old_api[index].inputs
+                if inputs[0] is not stats or inputs[1] != stats.version:
+                    # The version is read before rendering: a change during a yield re-renders.
+                    families = collector.api_families([(name, stats)])
+                    chunk = _Chunk((stats, stats.version), fmt.render(families))
+                    fmt.api.replace(index, chunk)
+                    renders += 1
+        self.renders += renders
+        return _Body(snap, version, valid_from, valid_until, (fmt.usage, fmt.health, fmt.api))
+
+
+def _gzip_whole(data: bytes) -> bytes:
+    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return b"".join([_GZIP_HEADER, compressor.compress(data), compressor.flush(),
+                     struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF)])
+
+
+def metrics_handler(exposition: Exposition) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """`/metrics`: text 0.0.4 or OpenMetrics by `Accept` (prometheus_client's negotiation), gzip
+    when accepted; `?name[]=` filters go through prometheus_client's own (uncached) handler."""
+    filtered = make_aiohttp_handler(exposition.registry)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if "name[]" in request.query:
+            return await filtered(request)
+        accept = ",".join(request.headers.getall(hdrs.ACCEPT, []))
+        gzip = gzip_accepted(",".join(request.headers.getall(hdrs.ACCEPT_ENCODING, [])))
+        parts, content_type = await exposition.render(accept, gzip=gzip)
+        headers = {hdrs.CONTENT_TYPE: content_type}
+        if gzip:
+            headers[hdrs.CONTENT_ENCODING] = "gzip"
+        size = sum(map(len, parts))
+        if size <= STREAM_ABOVE:  # one write, headers included: cheaper than several small ones
+            return web.Response(body=b"".join(parts), headers=headers)
+        # Large cached parts go out as they are: joining them would copy megabytes per scrape.
+        response = web.StreamResponse(headers=headers)
+        response.content_length = size
+        await response.prepare(request)
+        if request.method != "HEAD":
+            for part in parts:
+                await response.write(part)
+        await response.write_eof()
+        return response
+
+    return handler
