@@ -1,0 +1,117 @@
+"""Memory and CPU of the exporter at N org sets: RSS, CPU per poll cycle, CPU per idle minute.
+
+Each N runs in a fresh process against the simulator (another process). The exporter polls
+every schedule once (the first cycle), serves /metrics once in each format a Prometheus or a
+person would ask for (so the caches are full), then sits idle — no poll due (1h interval), no
+scrape — while its CPU time is measured and scaled to a minute. Then it re-polls every schedule
+(a second full cycle, with caches warm) for CPU per cycle.
+
+    python benchmarks/footprint.py                      # N = 10, 100, 1000; W = 4; 20 s idle
+    python benchmarks/footprint.py --sizes 1000 --idle 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+from _common import (
+    Simulator,
+    bench_config,
+    cpu_seconds,
+    machine,
+    peak_rss_mb,
+    rss_mb,
+    run_child,
+    table,
+    wait_first_cycle,
+)
+from aiohttp import ClientSession, web
+
+from exporter.server import create_app
+from exporter.service import Exporter
+
+SCRAPES = (  # (Accept, Accept-Encoding): Prometheus (OpenMetrics, gzip), curl (text), a browser
+    ("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5", "gzip"),
+    ("", ""),
+)
+
+
+async def measure(sets: int, windows: int, latency: float, idle: float) -> dict[str, float]:
+    with Simulator(latency) as sim:
+        config = bench_config(sim.url, sets, windows)
+        exporter = Exporter(config)
+        runner = web.AppRunner(create_app(exporter), access_log=None)
+        await runner.setup()  # starts polling
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/metrics"
+        attempts = exporter.stats.version
+        cpu = cpu_seconds()
+        await wait_first_cycle(lambda: exporter.stats.version - attempts >= sets * windows
+                               and exporter.snapshot.ready(), within=600)
+        first_cycle_cpu = cpu_seconds() - cpu
+        rss_polled = rss_mb()
+        cpu = cpu_seconds()
+        async with ClientSession(auto_decompress=False, skip_auto_headers=("Accept-Encoding",)) as http:
+            for accept, encoding in SCRAPES:
+                headers = {k: v for k, v in (("Accept", accept), ("Accept-Encoding", encoding)) if v}
+                async with http.get(url, headers=headers) as response:
+                    await response.read()
+        first_scrapes_cpu = cpu_seconds() - cpu
+        gc.collect()
+        rss_scraped = rss_mb()
+        # Idle: no poll due and nobody scraping. Wait in one sleep so the benchmark adds nothing.
+        cpu, started = cpu_seconds(), time.monotonic()
+        await asyncio.sleep(idle)
+        idle_cpu_per_minute = (cpu_seconds() - cpu) / (time.monotonic() - started) * 60
+        poller = exporter._poller
+        assert poller is not None
+        cpu = cpu_seconds()
+        await poller.poll_all_once()
+        cycle_cpu = cpu_seconds() - cpu
+        result = {"sets": sets, "rss_polled": rss_polled, "rss_scraped": rss_scraped,
+                  "peak_rss": peak_rss_mb(),
+                  "first_cycle_cpu": first_cycle_cpu, "cycle_cpu": cycle_cpu,
+                  "first_scrapes_cpu": first_scrapes_cpu, "idle_cpu_per_minute": idle_cpu_per_minute}
+        await runner.cleanup()
+        return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10,100,1000", help="org set counts N, comma-separated")
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--latency", type=float, default=0.05, help="simulated upstream latency, seconds")
+    parser.add_argument("--idle", type=float, default=20.0, help="seconds of idle CPU measurement")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run (seconds): does the script work")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(asyncio.run(measure(args.child, args.windows, args.latency, args.idle))))
+        return 0
+    sizes = [2] if args.smoke else [int(n) for n in args.sizes.split(",")]
+    idle = 0.5 if args.smoke else args.idle
+    latency = 0.01 if args.smoke else args.latency
+    print(f"# footprint: W={args.windows}, L={latency * 1000:g} ms, idle measured over {idle:g} s; "
+          f"{machine()}")
+    rows = []
+    for sets in sizes:
+        r = run_child(Path(__file__), [str(sets), "--windows", str(args.windows), "--latency", str(latency),
+                                       "--idle", str(idle)])
+        rows.append([sets, f"{r['rss_polled']:.1f}", f"{r['rss_scraped']:.1f}", f"{r['peak_rss']:.1f}",
+                     f"{r['first_cycle_cpu']:.2f}", f"{r['cycle_cpu']:.2f}", f"{r['first_scrapes_cpu']:.2f}",
+                     f"{r['idle_cpu_per_minute']:.3f}"])
+    print(table(["N sets", "RSS after 1st cycle MB", "RSS after scrapes MB", "peak RSS MB", "CPU 1st cycle s",
+                 "CPU per cycle s", "CPU 1st scrapes s", "idle CPU s/min"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
