@@ -36,6 +36,11 @@ DASHBOARD_FILE: Final = CHART / "files" / "grafana-dashboard.json"
 RELEASE: Final = "devin-usage-exporter"  # contains the chart name, so fullname == release name
 NAMESPACE: Final = "monitoring"
 CI_KEY: Final = "apk_user_CHART_CI_NOT_A_REAL_KEY"  # the apiKey of ci/all-enabled-values.yaml
+CI_FILES: Final = sorted(p.name for p in (CHART / "ci").glob("*.yaml"))
+SHARDED_CI: Final = "sharded-secured-values.yaml"  # shards: 3 and webConfig with TLS and basic auth
+WEB_DIR: Final = "/etc/devin-usage-exporter/web"  # where webConfig.secretName is mounted
+HEADLESS_LABEL: Final = "devin-usage-exporter/headless"
+SELECTOR: Final = {"app.kubernetes.io/name": "devin-usage-exporter", "app.kubernetes.io/instance": RELEASE}
 MONITORING_API: Final = "monitoring.coreos.com/v1"
 
 Manifest = dict[str, Any]
@@ -220,7 +225,11 @@ def test_image_build_context_yields_a_wheel_with_the_entrypoint(tmp_path: Path) 
     listed = subprocess.run([sys.executable, "-c", extract[2]], cwd=context, capture_output=True, text=True,
                             check=True, timeout=60).stdout.split()
     names = {re.split(r"[<>=!~ ;\[]", req, maxsplit=1)[0].lower() for req in listed}
-    assert names == {"aiohttp", "prometheus-client", "pyyaml"}
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    assert names == {re.split(r"[<>=!~ ;\[]", req, maxsplit=1)[0].lower() for req in declared}
+    assert {"aiohttp", "prometheus-client", "pyyaml"} <= names
 
     # The build stage: pip wheel --no-deps of the context.
     wheels = tmp_path / "wheels"
@@ -289,7 +298,7 @@ request = json.load(sys.stdin)
 resources = {
     "v1": [("configmaps", "ConfigMap"), ("secrets", "Secret"), ("services", "Service"),
            ("serviceaccounts", "ServiceAccount")],
-    "apps/v1": [("deployments", "Deployment")],
+    "apps/v1": [("deployments", "Deployment"), ("statefulsets", "StatefulSet")],
     "networking.k8s.io/v1": [("networkpolicies", "NetworkPolicy")],
 }
 if request.get("monitoring"):
@@ -461,8 +470,15 @@ def exporter_config_map(rendered: Mapping[str, Any]) -> Manifest:
     return next(o for o in objects_of(rendered, "ConfigMap") if "config.yaml" in o.get("data", {}))
 
 
+def workload(rendered: Mapping[str, Any]) -> Manifest:
+    """The exporter's Deployment (shards: 1) or StatefulSet (shards > 1): exactly one of them."""
+    (found,) = [o for o in rendered["objects"] if o["kind"] in ("Deployment", "StatefulSet")]
+    assert isinstance(found, dict)
+    return found
+
+
 def container(rendered: Mapping[str, Any]) -> Manifest:
-    (c,) = one(rendered, "Deployment")["spec"]["template"]["spec"]["containers"]
+    (c,) = workload(rendered)["spec"]["template"]["spec"]["containers"]
     assert isinstance(c, dict)
     return c
 
@@ -471,6 +487,30 @@ def container(rendered: Mapping[str, Any]) -> Manifest:
 def all_enabled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """ci/all-enabled-values.yaml rendered on a cluster that serves the Prometheus Operator API."""
     return helm_render(ci_values("all-enabled-values.yaml"), tmp_path_factory.mktemp("all-enabled"))
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """ci/sharded-secured-values.yaml (shards: 3, TLS + basic auth web config), with the operator API."""
+    return helm_render(ci_values(SHARDED_CI), tmp_path_factory.mktemp("sharded"))
+
+
+def selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """A Kubernetes LabelSelector (matchLabels, matchExpressions) applied to labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        ok = {"In": key in labels and labels[key] in values,
+              "NotIn": key not in labels or labels[key] not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[operator]
+        if not ok:
+            return False
+    return True
+
+
+def shard_args(c: Mapping[str, Any]) -> list[str]:
+    return [a for a in c["args"] if a.startswith("--shard")]
 
 
 # --- chart metadata ---------------------------------------------------------------------------
@@ -486,6 +526,10 @@ def test_chart_app_version_is_the_package_version() -> None:
 def test_ci_values_files_exist() -> None:
     assert ci_values("minimal-existing-secret-values.yaml") == {"existingSecret": {"name": "devin-api-key"}}
     assert ci_values("all-enabled-values.yaml")["apiKey"] == CI_KEY
+    sharded_values = ci_values(SHARDED_CI)
+    assert sharded_values["shards"] == 3
+    assert sharded_values["webConfig"] == {"secretName": "devin-exporter-web", "tls": True, "basicAuth": True}
+    assert {"all-enabled-values.yaml", "minimal-existing-secret-values.yaml", SHARDED_CI} <= set(CI_FILES)
 
 
 def test_schema_config_keys_are_the_exporters() -> None:
@@ -543,8 +587,7 @@ def test_chart_readme_documents_every_value() -> None:
 # --- helm lint --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["defaults", "defaults+apiKey", "minimal-existing-secret-values.yaml",
-                                  "all-enabled-values.yaml"])
+@pytest.mark.parametrize("name", ["defaults", "defaults+apiKey", *CI_FILES])
 def test_helm_lint_passes(name: str, tmp_path: Path) -> None:
     # Lint renders in Helm's lint mode, where `required`/`fail` only log: the bare defaults (no
     # key) lint clean, and test_render_without_a_key_fails_clearly checks the real render.
@@ -565,8 +608,16 @@ def test_helm_lint_passes(name: str, tmp_path: Path) -> None:
     {"config": {"api": {"api_key": "apk_user_leak"}}},
     {"service": {"port": "http"}},
     {"prometheusRule": {"thresholds": {"merge_rate_drop": 0.3}}},
+    {"shards": 0},
+    {"shards": 1.5},
+    {"shards": "3"},
+    {"webConfig": {"secretNme": "x"}},
+    {"webConfig": {"tls": "yes"}},
+    {"serviceMonitor": {"basicAuth": {"username": {"name": "scrape", "key": "username"}}}},
+    {"serviceMonitor": {"basicAuth": {"username": {"name": "s", "key": "u"}, "pasword": {"name": "s", "key": "p"}}}},
 ], ids=["serviceMonitr", "config.pol", "org_sets.org_id", "config.api.api_key", "service.port-type",
-        "unknown-threshold"])
+        "unknown-threshold", "shards-0", "shards-fraction", "shards-string", "webConfig.secretNme",
+        "webConfig.tls-type", "basicAuth-no-password", "basicAuth-pasword"])
 def test_helm_lint_rejects_bad_values_through_the_schema(overrides: dict[str, Any], tmp_path: Path) -> None:
     report = helm_lint({"apiKey": "apk_user_x", **overrides}, tmp_path)
     assert (3, "values.yaml") in problems(report), report
@@ -591,6 +642,7 @@ def test_render_with_both_key_sources_fails(tmp_path: Path) -> None:
     ({"serviceMonitr": {"enabled": True}}, "", "serviceMonitr"),
     ({"config": {"pol": {"interval": "5m"}}}, "/config", "pol"),
     ({"config": {"org_sets": [{"name": "a", "lables": {}}]}}, "/config/org_sets/0", "lables"),
+    ({"webConfig": {"secretNme": "x"}}, "/webConfig", "secretNme"),
 ])
 def test_render_names_the_misspelled_value(overrides: dict[str, Any], where: str, key: str,
                                            tmp_path: Path) -> None:
@@ -686,11 +738,12 @@ def test_container_runs_the_images_command_on_the_mounted_config(all_enabled: Re
 
 
 def test_selectors_carry_no_version_labels(all_enabled: Rendered) -> None:
-    selector = {"app.kubernetes.io/name": "devin-usage-exporter", "app.kubernetes.io/instance": RELEASE}
+    selector = SELECTOR
     deployment = one(all_enabled, "Deployment")
     assert deployment["spec"]["selector"] == {"matchLabels": selector}
     assert one(all_enabled, "Service")["spec"]["selector"] == selector
-    assert one(all_enabled, "ServiceMonitor")["spec"]["selector"] == {"matchLabels": selector}
+    assert one(all_enabled, "ServiceMonitor")["spec"]["selector"] == {
+        "matchLabels": selector, "matchExpressions": [{"key": HEADLESS_LABEL, "operator": "DoesNotExist"}]}
     assert one(all_enabled, "NetworkPolicy")["spec"]["podSelector"] == {"matchLabels": selector}
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert selector.items() <= pod_labels.items()
@@ -807,3 +860,224 @@ def test_notes_tell_how_to_reach_metrics(all_enabled: Rendered) -> None:
     assert f"kubectl --namespace {NAMESPACE} port-forward service/{RELEASE} 9877:9877" in notes
     assert "http://127.0.0.1:9877/metrics" in notes
     assert "WARNING" not in notes
+
+
+# --- sharding (shards > 1: a StatefulSet) -------------------------------------------------------
+
+
+def test_one_shard_is_the_deployment_without_a_shard_flag(all_enabled: Rendered, tmp_path: Path) -> None:
+    assert chart_defaults()["shards"] == 1
+    default = helm_render({"apiKey": "apk_user_x"}, tmp_path)
+    for rendered in (all_enabled, default):
+        assert workload(rendered)["kind"] == "Deployment"
+        assert workload(rendered)["spec"]["replicas"] == 1
+        assert "serviceName" not in workload(rendered)["spec"]
+        assert not objects_of(rendered, "StatefulSet")
+        (service,) = objects_of(rendered, "Service")  # no headless Service
+        assert "clusterIP" not in service["spec"]
+        assert shard_args(container(rendered)) == []
+    notes = default["notes"]
+    assert f"logs deployment/{RELEASE}" in notes and "split among" not in notes
+
+
+def test_shards_make_a_parallel_statefulset_with_a_headless_service(sharded: Rendered) -> None:
+    assert not objects_of(sharded, "Deployment")
+    statefulset = one(sharded, "StatefulSet")
+    spec = statefulset["spec"]
+    assert statefulset["metadata"]["name"] == RELEASE
+    assert spec["replicas"] == 3
+    assert spec["podManagementPolicy"] == "Parallel"
+    assert spec["selector"] == {"matchLabels": SELECTOR}
+    assert "volumeClaimTemplates" not in spec
+    assert shard_args(container(sharded)) == ["--shard=auto/3"]
+    pod_labels = spec["template"]["metadata"]["labels"]
+    assert SELECTOR.items() <= pod_labels.items() and pod_labels["app.kubernetes.io/version"] == __version__
+
+    services = {s["metadata"]["name"]: s for s in objects_of(sharded, "Service")}
+    assert set(services) == {RELEASE, f"{RELEASE}-headless"}
+    headless, regular = services[f"{RELEASE}-headless"], services[RELEASE]
+    assert spec["serviceName"] == headless["metadata"]["name"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == regular["spec"]["selector"] == SELECTOR
+    assert headless["spec"]["ports"] == regular["spec"]["ports"]
+    # The ServiceMonitor takes every pod through the regular Service only: each pod is scraped once.
+    monitor_selector = one(sharded, "ServiceMonitor")["spec"]["selector"]
+    assert selects(monitor_selector, regular["metadata"]["labels"])
+    assert not selects(monitor_selector, headless["metadata"]["labels"])
+    assert selects({"matchLabels": regular["spec"]["selector"]}, pod_labels)
+    assert selects(one(sharded, "NetworkPolicy")["spec"]["podSelector"], pod_labels)
+    # And the fake API server got them all.
+    assert (sorted((o["kind"], o["metadata"]["name"]) for o in sharded["objects"])
+            == sorted((o["kind"], o["metadata"]["name"]) for o in sharded["created"]))
+
+
+def test_sharded_pod_template_is_the_deployments_plus_the_shard_flag(sharded: Rendered, tmp_path: Path) -> None:
+    unsharded = helm_render({**ci_values(SHARDED_CI), "shards": 1}, tmp_path)
+    deployment_template = copy.deepcopy(one(unsharded, "Deployment")["spec"]["template"])
+    statefulset_template = copy.deepcopy(one(sharded, "StatefulSet")["spec"]["template"])
+    (c,) = statefulset_template["spec"]["containers"]
+    c["args"] = [a for a in c["args"] if a != "--shard=auto/3"]
+    assert statefulset_template == deployment_template
+
+
+@pytest.mark.parametrize("shards", [2, 7])
+def test_shard_count_is_the_replicas_and_the_flag(shards: int, tmp_path: Path) -> None:
+    rendered = helm_render({"apiKey": "apk_user_x", "shards": shards,
+                            "extraArgs": ["--log-level=debug"]}, tmp_path)
+    statefulset = one(rendered, "StatefulSet")
+    assert statefulset["spec"]["replicas"] == shards
+    args = container(rendered)["args"]
+    assert shard_args(container(rendered)) == [f"--shard=auto/{shards}"]
+    assert args[-1] == "--log-level=debug"  # extraArgs still come last
+    assert f"logs statefulset/{RELEASE}" in rendered["notes"]
+
+
+def test_each_shard_pod_runs_its_args_and_polls_its_share(sharded: Rendered, tmp_path: Path) -> None:
+    """Every StatefulSet pod's real command line, with HOSTNAME = its pod name, passes --check-config
+    and owns the org sets exporter/shard.py assigns it; the install notes list the same split."""
+    from exporter.shard import owner
+
+    config = yaml.safe_load(exporter_config_map(sharded)["data"]["config.yaml"])
+    assert config["server"]["web_config_file"] == f"{WEB_DIR}/web-config.yaml"
+    config["server"].pop("web_config_file")  # checked with real files in test_web_config_files_pass_check_config
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    names = [s["name"] for s in config["org_sets"]]
+    statefulset = one(sharded, "StatefulSet")
+    replicas = statefulset["spec"]["replicas"]
+    args = [f"--config={path}" if a.startswith("--config=") else a for a in container(sharded)["args"]]
+    for index in range(replicas):
+        pod = f"{statefulset['metadata']['name']}-{index}"
+        owned = [n for n in names if owner(n, replicas) == index]
+        check = subprocess.run([sys.executable, "-m", "exporter", *args, "--check-config"],
+                               env=exporter_env(DEVIN_API_KEY="apk_user_check", HOSTNAME=pod),
+                               cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0, check.stderr
+        assert f"shard {index}/{replicas}: {len(owned)} of {len(names)} org set(s)" in check.stdout
+        listed = f"{pod}: {', '.join(owned)}" if owned else f"{pod}: (none"
+        assert listed in sharded["notes"]
+    assert {owner(n, replicas) for n in names} == set(range(replicas))  # the ci file keeps every pod busy
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"shards": 3, "config": {"shard": "0/3"}}, "config.shard is \"0/3\", but shards is 3"),
+    ({"shards": 2, "fullnameOverride": "x" * 53}, "may be at most 52 characters"),
+], ids=["config.shard", "long-name"])
+def test_sharding_refuses_what_cannot_work(overrides: dict[str, Any], message: str, tmp_path: Path) -> None:
+    with pytest.raises(HelmFailed) as failure:
+        helm_render({"apiKey": "apk_user_x", **overrides}, tmp_path)
+    assert message in str(failure.value)
+
+
+def test_config_shard_is_passed_through_without_chart_sharding(tmp_path: Path) -> None:
+    rendered = helm_render({"apiKey": "apk_user_x", "config": {"shard": "1/2"}}, tmp_path)
+    assert workload(rendered)["kind"] == "Deployment"
+    assert yaml.safe_load(exporter_config_map(rendered)["data"]["config.yaml"])["shard"] == "1/2"
+
+
+# --- secured endpoints (webConfig) --------------------------------------------------------------
+
+
+def test_web_config_secret_is_mounted_and_named_in_the_config(sharded: Rendered) -> None:
+    pod = workload(sharded)["spec"]["template"]["spec"]
+    assert {"name": "web-config", "secret": {"secretName": "devin-exporter-web"}} in pod["volumes"]
+    mounts = {m["name"]: m for m in container(sharded)["volumeMounts"]}
+    assert mounts["web-config"] == {"name": "web-config", "mountPath": WEB_DIR, "readOnly": True}
+    assert mounts["config"]["mountPath"] == str(Path(WEB_DIR).parent)
+    config = yaml.safe_load(exporter_config_map(sharded)["data"]["config.yaml"])
+    assert config["server"] == {"listen": "0.0.0.0:9877", "web_config_file": f"{WEB_DIR}/web-config.yaml"}
+
+
+def test_tls_and_basic_auth_switch_the_probes_and_the_service_monitor(sharded: Rendered) -> None:
+    c = container(sharded)
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": "HTTPS"}
+    # /readyz asks for credentials; the kubelet's probe has none.
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": "HTTPS"}
+    assert c["readinessProbe"]["periodSeconds"] == chart_defaults()["readinessProbe"]["periodSeconds"]
+    (endpoint,) = one(sharded, "ServiceMonitor")["spec"]["endpoints"]
+    monitor_values = ci_values(SHARDED_CI)["serviceMonitor"]
+    assert endpoint["scheme"] == "https"  # although serviceMonitor.scheme is left at http
+    assert endpoint["basicAuth"] == monitor_values["basicAuth"]
+    assert endpoint["tlsConfig"] == monitor_values["tlsConfig"]
+    notes = sharded["notes"]
+    assert "curl -sk -u USER:PASSWORD https://127.0.0.1:9877/metrics" in notes
+    assert "WARNING" not in notes
+
+
+@pytest.mark.parametrize(("web", "liveness", "readiness"), [
+    ({"secretName": "web"}, {"path": "/healthz"}, {"path": "/readyz"}),
+    ({"secretName": "web", "tls": True}, {"path": "/healthz", "scheme": "HTTPS"},
+     {"path": "/readyz", "scheme": "HTTPS"}),
+    ({"secretName": "web", "basicAuth": True}, {"path": "/healthz"}, {"path": "/healthz"}),
+], ids=["file-only", "tls", "basic-auth"])
+def test_each_web_config_flag_alone(web: dict[str, Any], liveness: dict[str, str], readiness: dict[str, str],
+                                    tmp_path: Path) -> None:
+    rendered = helm_render({"apiKey": "apk_user_x", "webConfig": web,
+                            "serviceMonitor": {"enabled": True}}, tmp_path)
+    c = container(rendered)
+    assert c["livenessProbe"]["httpGet"] == {"port": "http", **liveness}
+    assert c["readinessProbe"]["httpGet"] == {"port": "http", **readiness}
+    assert shard_args(c) == [] and workload(rendered)["kind"] == "Deployment"
+    (endpoint,) = one(rendered, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == ("https" if web.get("tls") else "http")
+    assert "basicAuth" not in endpoint
+    assert ("serviceMonitor.basicAuth is empty" in rendered["notes"]) == bool(web.get("basicAuth"))
+
+
+def test_own_web_config_file_keeps_working_and_the_flags_still_apply(tmp_path: Path) -> None:
+    own = "/etc/devin-usage-exporter-web/web-config.yaml"
+    rendered = helm_render({
+        "apiKey": "apk_user_x",
+        "config": {"server": {"listen": "0.0.0.0:9877", "web_config_file": own}},
+        "webConfig": {"tls": True},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http", "scheme": "HTTP"}},
+    }, tmp_path)
+    c = container(rendered)
+    assert yaml.safe_load(exporter_config_map(rendered)["data"]["config.yaml"])["server"]["web_config_file"] == own
+    assert "web-config" not in {m["name"] for m in c["volumeMounts"]}
+    assert c["livenessProbe"]["httpGet"]["scheme"] == "HTTP"  # a probe's own scheme is kept
+    assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"webConfig": {"secretName": "web"},
+      "config": {"server": {"listen": "0.0.0.0:9877", "web_config_file": "/x/web.yaml"}}},
+     "set either webConfig.secretName"),
+    ({"webConfig": {"tls": True}}, "webConfig.tls / webConfig.basicAuth describe the web config file"),
+    ({"webConfig": {"basicAuth": True}}, "but there is none"),
+], ids=["both-files", "tls-without-file", "basic-auth-without-file"])
+def test_web_config_refuses_contradictions(overrides: dict[str, Any], message: str, tmp_path: Path) -> None:
+    with pytest.raises(HelmFailed) as failure:
+        helm_render({"apiKey": "apk_user_x", **overrides}, tmp_path)
+    assert message in str(failure.value)
+
+
+def test_web_config_files_pass_check_config(sharded: Rendered, tmp_path: Path) -> None:
+    """The rendered config with a web config Secret's files laid out as the chart mounts them: the
+    exporter accepts the TLS and basic-auth web config at web_config_file, with relative file names."""
+    trustme = pytest.importorskip("trustme")
+    bcrypt = pytest.importorskip("bcrypt")
+    web = tmp_path / "web"  # stands for /etc/devin-usage-exporter/web
+    web.mkdir()
+    ca = trustme.CA()
+    leaf = ca.issue_cert("devin-usage-exporter")
+    leaf.cert_chain_pems[0].write_to_path(str(web / "tls.crt"))
+    leaf.private_key_pem.write_to_path(str(web / "tls.key"))
+    hashed = bcrypt.hashpw(b"scrape-secret", bcrypt.gensalt(rounds=4)).decode()
+    (web / "web-config.yaml").write_text(yaml.safe_dump({
+        "tls_server_config": {"cert_file": "tls.crt", "key_file": "tls.key"},
+        "basic_auth_users": {"prometheus": hashed},
+    }), encoding="utf-8")
+    text = exporter_config_map(sharded)["data"]["config.yaml"]
+    assert f"web_config_file: {WEB_DIR}/web-config.yaml" in text
+    path = tmp_path / "config.yaml"
+    path.write_text(text.replace(WEB_DIR, str(web)), encoding="utf-8")
+    check = subprocess.run([sys.executable, "-m", "exporter", "--check-config", "--config", str(path)],
+                           env=exporter_env(DEVIN_API_KEY="apk_user_check"), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+    (web / "tls.key").unlink()  # a Secret without a file web-config.yaml names fails the check, by key
+    check = subprocess.run([sys.executable, "-m", "exporter", "--check-config", "--config", str(path)],
+                           env=exporter_env(DEVIN_API_KEY="apk_user_check"), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 2 and "key_file" in check.stderr, check.stderr
