@@ -123,8 +123,9 @@ class Poller:
             values = await self._client.fetch(query)
         except ApiError as exc:
             result = previous.failed(str(exc.reason), self._clock())
-            if previous.error != result.error:
-                # One line per change of state, not per poll: a revoked key must not flood the log.
+            if previous.error != result.error and not self._set_failing_with(key, result.error):
+                # One line per org set and change of reason, not per poll or window: a revoked key
+                # must not flood the log.
                 log.warning("poll failed: %s", exc.message,
                             extra={**context, "reason": str(exc.reason), "status": exc.status})
             else:
@@ -135,11 +136,16 @@ class Poller:
             log.error("poll failed with an internal error: %s: %s", type(exc).__name__, exc, extra=context)
             self._publish(key.org_set, window.name, previous.failed("internal", self._clock()))
             return False
-        if previous.error is not None:
+        if previous.error is not None and not self._set_failing_with(key, previous.error):
             log.info("poll recovered", extra={**context, "after": previous.error})
         log.debug("poll succeeded", extra=context)
         self._publish(key.org_set, window.name, previous.succeeded(values, self._clock()))
         return True
+
+    def _set_failing_with(self, key: ScheduleKey, reason: str | None) -> bool:
+        """Another window of the key's org set is already failing for `reason`."""
+        windows = self.snapshot.results.get(key.org_set, {})
+        return any(r.error == reason for name, r in windows.items() if name != key.window.name)
 
     def _publish(self, org_set: str, window: str, result: WindowResult) -> None:
         self.snapshot = self.snapshot.with_result(org_set, window, result)

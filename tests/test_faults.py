@@ -546,11 +546,12 @@ async def test_simulated_per_key_rate_limit_storm_ends_with_every_schedule_publi
 # 401/403: one line per transition
 
 
-async def test_key_revocation_logs_one_line_per_schedule_per_transition_not_per_poll(
+async def test_key_revocation_logs_one_line_per_org_set_per_transition_not_per_poll_or_window(
     make_rig: RigFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    rig = await make_rig("- name: a\n- name: b\n  org_ids: [org-2]", stale_after=10)
+    # Three windows per set: still one line per org set, as the key is the same for all of them.
+    rig = await make_rig("- name: a\n- name: b\n  org_ids: [org-2]", stale_after=10, windows="[1h, 24h, 7d]")
     rig.faults.status = 401
     for _ in range(4):
         await rig.next_poll()
@@ -562,9 +563,9 @@ async def test_key_revocation_logs_one_line_per_schedule_per_transition_not_per_
     assert len(poll_failures(caplog)) == 2
     samples = await rig.samples()
     assert nonzero(samples, "devin_exporter_api_errors_total") == {
-        labels(org="a", reason="auth"): 5.0,
-        labels(org="b", reason="auth"): 5.0,
-    }  # never retried
+        labels(org="a", reason="auth"): 15.0,
+        labels(org="b", reason="auth"): 15.0,
+    }  # never retried: 5 polls x 3 windows
     assert samples["devin_up"] == {labels(org="a"): 0.0, labels(org="b"): 0.0}
 
     rig.faults.reset()
