@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"devin-usage-exporter: config error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - a validation gap must still not show a traceback
+    except Exception as exc:
         print(f"devin-usage-exporter: config error: {args.config}: cannot load: {type(exc).__name__}: {exc}",
               file=sys.stderr)
         return 2

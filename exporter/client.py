@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
 from typing import Final
@@ -26,8 +26,8 @@ from exporter import USER_AGENT
 from exporter.config import ApiSettings
 
 __all__ = [
-    "Attempt",
     "ApiError",
+    "Attempt",
     "ErrorReason",
     "UsageClient",
     "UsageQuery",
@@ -144,7 +144,7 @@ def format_rfc3339(dt: datetime) -> str:
     if dt.tzinfo is None or dt.utcoffset() is None:
         # A naive datetime is ambiguous; guessing would shift every window by the host's offset.
         raise ValueError("format_rfc3339 needs a timezone-aware datetime")
-    utc = dt.astimezone(timezone.utc).replace(microsecond=0, tzinfo=None)
+    utc = dt.astimezone(UTC).replace(microsecond=0, tzinfo=None)
     return utc.isoformat() + "Z"
 
 
@@ -167,7 +167,7 @@ def parse_retry_after(value: str, now: float) -> float | None:
             return None
         if when.tzinfo is None:
             # RFC 9110 dates are GMT; "-0000" yields a naive datetime that means the same.
-            when = when.replace(tzinfo=timezone.utc)
+            when = when.replace(tzinfo=UTC)
         seconds = max(0.0, when.timestamp() - now)
     elif not math.isfinite(seconds) or seconds < 0:
         return None

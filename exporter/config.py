@@ -6,11 +6,11 @@ import difflib
 import math
 import os
 import re
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal, Mapping, NoReturn, Sequence
+from typing import TYPE_CHECKING, Final, Literal, NoReturn
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -75,7 +75,7 @@ class Window:
         """The (start, end) to ask the API for at `now`; (None, None) means the billing cycle."""
         if self.kind == "billing_cycle":
             return None, None
-        end = now.astimezone(timezone.utc) - timedelta(seconds=delay)
+        end = now.astimezone(UTC) - timedelta(seconds=delay)
         if self.kind == "range":
             assert self.range_seconds is not None
             return end - timedelta(seconds=self.range_seconds), end
@@ -85,7 +85,7 @@ class Window:
             midnight = midnight.replace(day=1)
         # Re-localize so a DST change between midnight and now gives midnight's real offset.
         start = datetime(midnight.year, midnight.month, midnight.day, tzinfo=tz)
-        return start.astimezone(timezone.utc), end
+        return start.astimezone(UTC), end
 
 
 @dataclass(frozen=True)
@@ -207,10 +207,7 @@ class _Node:
         raise ConfigError(f"{self.source}: {where}{problem}")
 
     def child(self, key: str | int, value: object) -> _Node:
-        if isinstance(key, int):
-            path = f"{self.path}[{key}]"
-        else:
-            path = f"{self.path}.{key}" if self.path else key
+        path = f"{self.path}[{key}]" if isinstance(key, int) else f"{self.path}.{key}" if self.path else key
         return _Node(value, path, self.source)
 
     def mapping(self, allowed: Sequence[str]) -> dict[str, _Node]:
@@ -314,7 +311,7 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 def parse_yaml(text: str, source: str) -> object:
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+        return yaml.load(text, Loader=_StrictLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

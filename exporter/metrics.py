@@ -8,8 +8,9 @@ import math
 import platform
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Final, Iterable, Iterator
+from typing import Final
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import Metric
@@ -188,7 +189,7 @@ class ExporterCollector(Collector):
             for reason, count in sorted(stats.reasons.items()):
                 errors.add_sample("devin_exporter_api_errors_total", {"org": org, "reason": reason}, count)
             cumulative = 0
-            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), stats.buckets):
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), stats.buckets, strict=False):
                 cumulative += count
                 le = "+Inf" if bound == float("inf") else repr(bound)
                 latency.add_sample(latency.name + "_bucket", {"org": org, "le": le}, cumulative)

@@ -6,9 +6,9 @@ import asyncio
 import logging
 import random as random_module
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Awaitable, Callable
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from exporter.client import ApiError, UsageClient, UsageQuery
@@ -114,7 +114,7 @@ class Poller:
     async def poll(self, key: ScheduleKey) -> bool:
         """Poll one window of one org set now and publish the outcome; True on success."""
         window = key.window
-        now = datetime.fromtimestamp(self._clock(), tz=timezone.utc)
+        now = datetime.fromtimestamp(self._clock(), tz=UTC)
         start, end = window.bounds(now, key.delay, ZoneInfo(key.timezone))
         query = UsageQuery(key.org_set, start, end, key.org_ids, key.user_ids)
         previous = self.snapshot.result(key.org_set, window.name)
@@ -132,7 +132,7 @@ class Poller:
                 log.debug("poll failed again", extra={**context, "reason": str(exc.reason)})
             self._publish(key.org_set, window.name, result)
             return False
-        except Exception as exc:  # noqa: BLE001 - one bad reply must never kill the loop
+        except Exception as exc:
             log.error("poll failed with an internal error: %s: %s", type(exc).__name__, exc, extra=context)
             self._publish(key.org_set, window.name, previous.failed("internal", self._clock()))
             return False

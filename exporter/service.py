@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random as random_module
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from prometheus_client import CollectorRegistry
@@ -104,7 +104,7 @@ class Exporter:
             self.reload_status.successful = False
             log.error("config reload failed; keeping the running config: %s", exc)
             return False
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             # A loader bug (e.g. a ValueError or RecursionError that escaped validation) must not
             # escape the SIGHUP callback: it would leave the old config running while
             # devin_exporter_config_last_reload_successful still said 1, with only asyncio's

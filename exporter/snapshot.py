@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Mapping, TypeVar
+from typing import TypeVar
 
 from exporter.config import Config, OrgSet, Window
 
-_EMPTY: Mapping[str, "WindowResult"] = MappingProxyType({})
+_EMPTY: Mapping[str, WindowResult] = MappingProxyType({})
 K = TypeVar("K")
 V = TypeVar("V")
 

@@ -16,7 +16,7 @@ import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from email.utils import format_datetime
 from typing import Final
 
@@ -47,8 +47,8 @@ BASE: Final = "https://api.example.test"
 ENDPOINT: Final = f"{BASE}/v2/enterprise/metrics/usage"
 ANY_USAGE_URL: Final = re.compile(r"^https://api\.example\.test/v2/enterprise/metrics/usage(\?.*)?$")
 GOOD: Final = {"sessions_count": 12, "searches_count": 34, "prs_opened": 5, "prs_closed": 1, "prs_merged": 3}
-START: Final = datetime(2026, 11, 23, 18, 0, 0, tzinfo=timezone.utc)
-END: Final = datetime(2026, 11, 24, 18, 0, 0, tzinfo=timezone.utc)
+START: Final = datetime(2026, 11, 23, 18, 0, 0, tzinfo=UTC)
+END: Final = datetime(2026, 11, 24, 18, 0, 0, tzinfo=UTC)
 WALL_START: Final = 1_795_000_000.0  # unix time the fake wall clock starts at
 _SETTLE_YIELDS: Final = 50
 
@@ -294,7 +294,7 @@ async def test_each_attempt_has_its_own_total_timeout_and_redirects_are_not_foll
 
 
 def test_format_rfc3339_is_utc_z_whole_seconds_and_rejects_naive() -> None:
-    assert format_rfc3339(datetime(2026, 11, 24, 18, 0, 0, 123_456, tzinfo=timezone.utc)) == "2026-11-24T18:00:00Z"
+    assert format_rfc3339(datetime(2026, 11, 24, 18, 0, 0, 123_456, tzinfo=UTC)) == "2026-11-24T18:00:00Z"
     plus_two = timezone(timedelta(hours=2))
     assert format_rfc3339(datetime(2026, 1, 1, 1, 30, 5, tzinfo=plus_two)) == "2025-12-31T23:30:05Z"
     with pytest.raises(ValueError):
@@ -343,7 +343,8 @@ async def test_extra_numeric_fields_are_passed_through_and_other_extras_ignored(
 async def test_non_finite_extra_fields_are_ignored(h: Harness) -> None:
     body = '{"sessions_count":1,"searches_count":2,"prs_opened":3,"prs_closed":4,"prs_merged":5,"a":NaN,"b":Infinity}'
     h.script(reply(200, body, content_type="application/json"))
-    assert await h.client().fetch(query()) == {"sessions_count": 1, "searches_count": 2, "prs_opened": 3, "prs_closed": 4, "prs_merged": 5}
+    assert await h.client().fetch(query()) == {
+        "sessions_count": 1, "searches_count": 2, "prs_opened": 3, "prs_closed": 4, "prs_merged": 5}
 
 
 async def test_count_of_exactly_2_to_the_53_is_accepted(h: Harness) -> None:
@@ -444,7 +445,8 @@ async def test_422_message_names_the_validation_detail_messages(h: Harness) -> N
 
 
 async def test_html_error_body_appears_as_a_short_tag_free_snippet(h: Harness) -> None:
-    page = "<html><head><title>502 Bad Gateway</title></head><body><h1>Bad   Gateway</h1>" + "x" * 5000 + "</body></html>"
+    page = ("<html><head><title>502 Bad Gateway</title></head><body><h1>Bad   Gateway</h1>"
+            + "x" * 5000 + "</body></html>")
     h.script(reply(502, page, content_type="text/html"))
     error = await fetch_error(h.client(retries=0))
     assert error.reason is ErrorReason.SERVER_ERROR
@@ -471,7 +473,7 @@ async def test_key_with_a_newline_is_an_auth_error_without_sending(h: Harness) -
         (reply(429), ErrorReason.RATE_LIMITED, 429),
         (reply(500), ErrorReason.SERVER_ERROR, 500),
         (reply(503), ErrorReason.SERVER_ERROR, 503),
-        (asyncio.TimeoutError(), ErrorReason.TIMEOUT, None),
+        (TimeoutError(), ErrorReason.TIMEOUT, None),
         (aiohttp.ServerTimeoutError("read timed out"), ErrorReason.TIMEOUT, None),
         (aiohttp.ClientConnectionError("Connection refused"), ErrorReason.CONNECTION, None),
         (aiohttp.ServerDisconnectedError(), ErrorReason.CONNECTION, None),
@@ -513,7 +515,7 @@ async def test_backoff_ceiling_doubles_from_one_second_and_caps_at_sixty(h: Harn
     h.script(*[reply(500)] * 9)
     await fetch_error(h.client(retries=8, random=lambda: almost_one))
     assert h.clock.sleeps == pytest.approx([1, 2, 4, 8, 16, 32, 60, 60], rel=1e-5)
-    assert all(s < c for s, c in zip(h.clock.sleeps, [1, 2, 4, 8, 16, 32, 60, 60]))
+    assert all(s < c for s, c in zip(h.clock.sleeps, [1, 2, 4, 8, 16, 32, 60, 60], strict=False))
 
 
 async def test_jitter_draws_each_delay_from_random(h: Harness) -> None:
@@ -531,9 +533,9 @@ def test_parse_retry_after_accepts_seconds_and_http_dates_and_rejects_garbage() 
     assert parse_retry_after("30", now) == 30.0
     assert parse_retry_after(" 2 ", now) == 2.0
     assert parse_retry_after("0", now) == 0.0
-    date = format_datetime(datetime.fromtimestamp(now + 45, timezone.utc), usegmt=True)
+    date = format_datetime(datetime.fromtimestamp(now + 45, UTC), usegmt=True)
     assert parse_retry_after(date, now) == 45.0
-    past = format_datetime(datetime.fromtimestamp(now - 45, timezone.utc), usegmt=True)
+    past = format_datetime(datetime.fromtimestamp(now - 45, UTC), usegmt=True)
     assert parse_retry_after(past, now) == 0.0
     assert parse_retry_after("999999", now) == RETRY_AFTER_CAP
     for garbage in ("-5", "", "soon", "nan", "inf", "Wed, 99 Foo 2026 25:61:00 GMT"):
@@ -555,7 +557,7 @@ async def test_retry_after_shorter_than_backoff_does_not_shorten_it(h: Harness) 
 
 
 async def test_retry_after_http_date_is_relative_to_the_wall_clock(h: Harness) -> None:
-    date = format_datetime(datetime.fromtimestamp(h.clock.wall() + 20, timezone.utc), usegmt=True)
+    date = format_datetime(datetime.fromtimestamp(h.clock.wall() + 20, UTC), usegmt=True)
     h.script(reply(429, headers={"Retry-After": date}), ok())
     await h.client().fetch(query())
     assert h.clock.sleeps == [20.0]
@@ -738,7 +740,7 @@ async def test_observer_gets_one_attempt_per_attempt_with_status_reason_and_dura
         await h.clock.sleep(0.25)  # the fake server takes 0.25 s of virtual time
         return ok()
 
-    h.script(reply(429), asyncio.TimeoutError())
+    h.script(reply(429), TimeoutError())
     h.mock.clear()
     calls = 0
 
@@ -800,7 +802,7 @@ LEAKY_FAILURES: Final[list[Callable[[], Reply]]] = [
     lambda: reply(429, headers={"Retry-After": "1"}),
     lambda: reply(500, f"<pre>Authorization: Bearer {KEY}</pre>", content_type="text/html"),
     lambda: reply(200, f"not json {KEY}", content_type="application/json"),
-    lambda: asyncio.TimeoutError(),
+    lambda: TimeoutError(),
     lambda: aiohttp.ServerTimeoutError(f"timeout {KEY}"),
     lambda: aiohttp.ClientConnectionError(f"refused Bearer {KEY}"),
     lambda: aiohttp.ServerDisconnectedError(),
@@ -840,7 +842,8 @@ async def test_api_key_never_appears_in_errors_logs_or_tracebacks(
 def test_api_error_pickles_with_its_fields() -> None:
     error = ApiError(ErrorReason.RATE_LIMITED, "HTTP 429", status=429, retry_after=3.0)
     copy = pickle.loads(pickle.dumps(error))
-    assert (copy.reason, copy.status, copy.message, copy.retry_after) == (ErrorReason.RATE_LIMITED, 429, "HTTP 429", 3.0)
+    assert (copy.reason, copy.status, copy.message, copy.retry_after) == (
+        ErrorReason.RATE_LIMITED, 429, "HTTP 429", 3.0)
 
 
 def test_error_reason_values_are_the_metric_label_values() -> None:

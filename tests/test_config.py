@@ -335,7 +335,7 @@ def test_api_key_not_in_repr_str_or_format_of_config(tmp_path: Path) -> None:
     assert config.api.api_key.reveal() == KEY
     for text in (repr(config), str(config), format(config), f"{config!r}", repr(config.api), str(config.api),
                  repr(config.api.api_key), str(config.api.api_key), f"{config.api.api_key}",
-                 f"{config.api.api_key:>40}", "%s %r" % (config.api.api_key, config.api.api_key)):
+                 f"{config.api.api_key:>40}", f"{config.api.api_key} {config.api.api_key!r}"):
         assert KEY not in text
     assert "***" in repr(config)
 
