@@ -605,10 +605,14 @@ def _shard(node: _Node, env: Mapping[str, str]) -> Shard | None:
 def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate the config file at `path` (relative paths inside resolve from its folder)."""
     file = Path(path)
+    return parse_config(read_text(file, "config"), str(file), env=env, base_dir=file.parent)
+
+
+def read_text(file: Path, what: str) -> str:
+    """The file's text, or a ConfigError naming the file and why it cannot be read."""
     try:
-        text = file.read_text(encoding="utf-8")
+        return file.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"{file}: cannot read config: {exc.strerror or exc}") from None
+        raise ConfigError(f"{file}: cannot read {what}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{file}: not UTF-8 text") from None
-    return parse_config(text, str(file), env=env, base_dir=file.parent)

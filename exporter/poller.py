@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random as random_module
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from exporter.client import ApiError, UsageClient, UsageQuery
+from exporter.clocks import Clocks
 from exporter.config import Config, OrgSet, PollSettings, Window
 from exporter.snapshot import Snapshot, WindowResult
 
@@ -39,21 +37,13 @@ class ScheduleKey:
 class Poller:
     """Owns the poll tasks and the current snapshot; `/metrics` only ever reads `snapshot`."""
 
-    def __init__(
-        self,
-        client: UsageClient,
-        config: Config,
-        *,
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        random: Callable[[], float] = random_module.random,
-    ) -> None:
+    def __init__(self, client: UsageClient, config: Config, clocks: Clocks | None = None) -> None:
+        clocks = clocks or Clocks()
         self._client = client
-        self._clock = clock
-        self._monotonic = monotonic
-        self._sleep = sleep
-        self._random = random
+        self._clock = clocks.wall
+        self._monotonic = clocks.monotonic
+        self._sleep = clocks.sleep
+        self._random = clocks.random
         self.snapshot = Snapshot.empty(config)
         self._tasks: dict[ScheduleKey, asyncio.Task[None]] = {}
         self._started = False

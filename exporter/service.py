@@ -12,6 +12,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 
 from exporter.client import UsageClient, new_session
+from exporter.clocks import Clocks
 from exporter.config import Config, ConfigError
 from exporter.exposition import Exposition
 from exporter.metrics import ApiStats, ExporterCollector, ReloadStatus, build_registry
@@ -34,10 +35,8 @@ class Exporter:
         random: Callable[[], float] = random_module.random,
     ) -> None:
         self._initial_config = config
+        self._clocks = Clocks(wall=clock, monotonic=monotonic, sleep=sleep, random=random)
         self._clock = clock
-        self._monotonic = monotonic
-        self._sleep = sleep
-        self._random = random
         self.stats = ApiStats()
         self.stats.track(s.name for s in config.org_sets)
         self.reload_status = ReloadStatus(successful=True, last_success=clock())
@@ -64,11 +63,11 @@ class Exporter:
     async def open(self) -> Poller:
         """Create the one process-wide client session and the poller (not yet polling)."""
         self._session = new_session()
-        client = UsageClient(self._session, self._initial_config.api, monotonic=self._monotonic,
-                             wall_clock=self._clock, sleep=self._sleep, random=self._random,
+        clocks = self._clocks
+        client = UsageClient(self._session, self._initial_config.api, monotonic=clocks.monotonic,
+                             wall_clock=clocks.wall, sleep=clocks.sleep, random=clocks.random,
                              observer=self.stats.observe)
-        self._poller = Poller(client, self._initial_config, clock=self._clock,
-                              monotonic=self._monotonic, sleep=self._sleep, random=self._random)
+        self._poller = Poller(client, self._initial_config, clocks)
         return self._poller
 
     async def start(self) -> None:

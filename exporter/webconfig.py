@@ -19,7 +19,7 @@ import bcrypt
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from exporter.config import ConfigError, _Node, parse_yaml
+from exporter.config import ConfigError, _Node, parse_yaml, read_text
 
 __all__ = [
     "AUTH_REALM",
@@ -258,13 +258,7 @@ def parse_web_config(text: str, source: str, *, base_dir: Path | None = None) ->
 def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
     """Read and validate the web config at `path`; relative paths in it resolve from its folder."""
     file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot read web config: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{file}: not UTF-8 text") from None
-    return parse_web_config(text, str(file), base_dir=file.parent)
+    return parse_web_config(read_text(file, "web config"), str(file), base_dir=file.parent)
 
 
 # --- basic auth -------------------------------------------------------------------------------
