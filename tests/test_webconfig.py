@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import ssl
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,8 @@ import bcrypt
 import pytest
 import trustme
 from aiohttp import web
-from hardening_support import Daemon, free_port, run_cli, subprocess_env
+from hardening_support import Daemon, free_port
+from helpers import run_cli, subprocess_env
 
 from exporter import webconfig
 from exporter.config import Config, ConfigError, load_config
@@ -476,3 +479,21 @@ def test_a_certificate_replaced_by_garbage_is_reported_with_its_key(tmp_path: Pa
         config.server.web_config.tls.ssl_context()
     result = run_cli("--check-config", "--config", str(tmp_path / "config.yaml"))
     assert result.returncode == 2 and "tls_server_config.cert_file/key_file" in result.stderr
+
+
+def dockerfile_healthcheck_probe() -> str:
+    """The Python source the image's HEALTHCHECK runs."""
+    dockerfile = (Path(__file__).resolve().parent.parent / "Dockerfile").read_text()
+    line = next(x for x in dockerfile.splitlines() if x.strip().startswith('CMD ["python"'))
+    probe: str = json.loads(line.strip()[len("CMD "):])[-1]
+    return probe
+
+
+async def test_image_healthcheck_passes_over_tls_with_basic_auth(serve: ServeFactory) -> None:
+    """The Dockerfile's HEALTHCHECK must keep working when a web config turns on TLS and auth."""
+    probe = dockerfile_healthcheck_probe()
+    served = await serve(TLS + AUTH)
+    assert served.url.startswith("https://")
+    port = served.url.rsplit(":", 1)[1]
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", probe.replace(":9877/", f":{port}/"))
+    assert await asyncio.wait_for(process.wait(), timeout=30) == 0
