@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
@@ -23,14 +24,37 @@ from exporter.config import Config, parse_config  # noqa: E402
 
 KEY: Final = "apk_user_benchmark"
 WINDOWS: Final = ("1h", "24h", "7d", "30d", "90d", "180d", "365d", "2h")
+PROXY_VARS: Final = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
 def child_env() -> dict[str, str]:
-    env = dict(os.environ)
+    """This environment for a child process: importing this checkout, without proxies (loopback only)."""
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
-        env.pop(proxy, None)  # loopback only
     return env
+
+
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every size-sweeping benchmark takes; the script adds its own, then `bench_args`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10,100,1000", help="org set counts N, comma-separated")
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--latency", type=float, default=0.05, help="simulated upstream latency, seconds")
+    return parser
+
+
+def bench_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse, after adding --smoke and the hidden --child N (one size, measured in this process)."""
+    parser.add_argument("--smoke", action="store_true", help="a tiny run (seconds): does the script work")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def sizes_and_latency(args: argparse.Namespace) -> tuple[list[int], float]:
+    """The org set counts to run and the simulated latency: N = 2 and 10 ms for --smoke."""
+    if args.smoke:
+        return [2], 0.01
+    return [int(n) for n in args.sizes.split(",")], args.latency
 
 
 class Simulator:

@@ -12,7 +12,6 @@ scrape — while its CPU time is measured and scaled to a minute. Then it re-pol
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import json
@@ -22,12 +21,15 @@ from pathlib import Path
 
 from _common import (
     Simulator,
+    bench_args,
     bench_config,
+    bench_parser,
     cpu_seconds,
     machine,
     peak_rss_mb,
     rss_mb,
     run_child,
+    sizes_and_latency,
     table,
     wait_first_cycle,
 )
@@ -84,21 +86,14 @@ async def measure(sets: int, windows: int, latency: float, idle: float) -> dict[
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="10,100,1000", help="org set counts N, comma-separated")
-    parser.add_argument("--windows", type=int, default=4)
-    parser.add_argument("--latency", type=float, default=0.05, help="simulated upstream latency, seconds")
+    parser = bench_parser(__doc__)
     parser.add_argument("--idle", type=float, default=20.0, help="seconds of idle CPU measurement")
-    parser.add_argument("--smoke", action="store_true", help="a tiny run (seconds): does the script work")
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = bench_args(parser)
     if args.child is not None:
         print(json.dumps(asyncio.run(measure(args.child, args.windows, args.latency, args.idle))))
         return 0
-    sizes = [2] if args.smoke else [int(n) for n in args.sizes.split(",")]
+    sizes, latency = sizes_and_latency(args)
     idle = 0.5 if args.smoke else args.idle
-    latency = 0.01 if args.smoke else args.latency
     print(f"# footprint: W={args.windows}, L={latency * 1000:g} ms, idle measured over {idle:g} s; "
           f"{machine()}")
     rows = []

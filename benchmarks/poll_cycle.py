@@ -11,7 +11,6 @@ is the exporter's own overhead: client, poller, snapshot updates.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
@@ -21,12 +20,15 @@ from pathlib import Path
 
 from _common import (
     Simulator,
+    bench_args,
     bench_config,
+    bench_parser,
     cpu_seconds,
     machine,
     peak_rss_mb,
     rss_mb,
     run_child,
+    sizes_and_latency,
     table,
     wait_first_cycle,
 )
@@ -75,22 +77,15 @@ def lower_bound(schedules: int, concurrency: int, latency: float, rps: float) ->
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="10,100,1000", help="org set counts N, comma-separated")
-    parser.add_argument("--windows", type=int, default=4)
+    parser = bench_parser(__doc__)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--latency", type=float, default=0.05, help="simulated upstream latency, seconds")
     parser.add_argument("--rps", type=float, default=1_000_000, help="max_requests_per_second")
-    parser.add_argument("--smoke", action="store_true", help="a tiny run (seconds): does the script work")
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = bench_args(parser)
     if args.child is not None:
         result = asyncio.run(measure(args.child, args.windows, args.concurrency, args.latency, args.rps))
         print(json.dumps(result))
         return 0
-    sizes = [2] if args.smoke else [int(n) for n in args.sizes.split(",")]
-    latency = 0.01 if args.smoke else args.latency
+    sizes, latency = sizes_and_latency(args)
     print(f"# poll_cycle: W={args.windows}, C={args.concurrency} (connector limit {CONNECTOR_LIMIT}), "
           f"L={latency * 1000:g} ms, max_requests_per_second={args.rps:g}; {machine()}")
     rows = []

@@ -14,7 +14,6 @@ the poll cycles must not get slower either.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
@@ -24,10 +23,13 @@ from pathlib import Path
 from _common import (
     ROOT,
     Simulator,
+    bench_args,
     bench_config,
+    bench_parser,
     child_env,
     machine,
     run_child,
+    sizes_and_latency,
     table,
     wait_first_cycle,
 )
@@ -122,25 +124,18 @@ async def measure(sets: int, windows: int, latency: float, requests: int, warmup
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="10,100,1000", help="org set counts N, comma-separated")
-    parser.add_argument("--windows", type=int, default=4)
-    parser.add_argument("--latency", type=float, default=0.05, help="simulated upstream latency, seconds")
+    parser = bench_parser(__doc__)
     parser.add_argument("--requests", type=int, default=300, help="scrapes per measurement")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--concurrency", type=int, default=1, help="scrapes in flight at once")
-    parser.add_argument("--smoke", action="store_true", help="a tiny run (seconds): does the script work")
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = bench_args(parser)
     if args.child is not None:
         result = asyncio.run(measure(args.child, args.windows, args.latency, args.requests, args.warmup,
                                      args.concurrency))
         print(json.dumps(result))
         return 0
-    sizes = [2] if args.smoke else [int(n) for n in args.sizes.split(",")]
+    sizes, latency = sizes_and_latency(args)
     requests, warmup = (5, 1) if args.smoke else (args.requests, args.warmup)
-    latency = 0.01 if args.smoke else args.latency
     print(f"# scrape: W={args.windows}, L={latency * 1000:g} ms, {requests} scrapes after {warmup} warm-up, "
           f"concurrency {args.concurrency}; {machine()}")
     rows, polling_rows = [], []

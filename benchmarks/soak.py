@@ -31,22 +31,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-ROOT: Final = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python benchmarks/soak.py` tests this checkout, not an installed copy
-    sys.path.insert(0, str(ROOT))
+import aiohttp
+from _common import PROXY_VARS, ROOT, child_env  # before `exporter`: puts this checkout on sys.path
+from aiohttp import web
 
-import aiohttp  # noqa: E402
-from aiohttp import web  # noqa: E402
-
-from exporter.config import parse_config  # noqa: E402
-from exporter.logs import setup_logging  # noqa: E402
-from exporter.server import create_app  # noqa: E402
-from exporter.service import Exporter  # noqa: E402
+from exporter.config import parse_config
+from exporter.logs import setup_logging
+from exporter.server import create_app
+from exporter.service import Exporter
 
 KEY: Final = "apk_user_soak"
 WINDOWS: Final = ("1h", "24h", "7d", "30d", "90d", "today", "month_to_date", "billing_cycle")
 RESERVOIR: Final = 10_000  # scrape latencies kept for the percentiles
-PROXY_VARS: Final = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
 # What the fault driver switches between; each holds for a random part of a fault period.
 FAULT_MENU: Final[tuple[tuple[str, dict[str, object]], ...]] = (
     ("none", {}),
@@ -109,8 +105,6 @@ class Scrapes:
 
 
 def start_simulator(error_rate: float, seed: int) -> tuple[subprocess.Popen[str], str]:
-    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -127,7 +121,7 @@ def start_simulator(error_rate: float, seed: int) -> tuple[subprocess.Popen[str]
             str(seed),
         ],
         cwd=ROOT,
-        env=env,
+        env=child_env(),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -1,23 +1,17 @@
-"""Shared by the hardening tests (faults, secrets, web config, soak): clocks, processes, raw servers."""
+"""Shared by the hardening tests (faults, secrets, web config): clocks, daemons, raw servers."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import socket
 import struct
 import subprocess
-import sys
-import threading
 import time
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Final
+from datetime import datetime, timedelta
 
-ROOT: Final = Path(__file__).resolve().parent.parent
-T0: Final = datetime(2026, 11, 24, 18, 0, 0, tzinfo=UTC)
+from helpers import T0, ExporterProcess
 
 
 class HybridClock:
@@ -90,55 +84,8 @@ async def start_resetting_server(port: int = 0) -> tuple[asyncio.Server, int]:
     return server, int(server.sockets[0].getsockname()[1])
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DEVIN_API_KEY", "DEVIN_EXPORTER_CONFIG")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "exporter", *args],
-        env=env or subprocess_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-class Daemon:
-    """`python -m exporter ...` as a child; stdout/stderr collected by threads so reads never block."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "exporter", *args],
-            cwd=ROOT,
-            env=env or subprocess_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
-        self.lines: dict[str, list[str]] = {"stdout": [], "stderr": []}
-        self._cond = threading.Condition()
-        self._readers = [
-            threading.Thread(target=self._read, args=(name, stream), daemon=True)
-            for name, stream in (("stdout", self.popen.stdout), ("stderr", self.popen.stderr))
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _read(self, name: str, stream: object) -> None:
-        for line in stream:  # type: ignore[attr-defined]
-            with self._cond:
-                self.lines[name].append(line.rstrip("\n"))
-                self._cond.notify_all()
+class Daemon(ExporterProcess):
+    """A long-running `python -m exporter ...`, waited on by its stderr lines."""
 
     def text(self) -> str:
         with self._cond:
@@ -174,6 +121,5 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             code = self.popen.wait(5)
-        for reader in self._readers:
-            reader.join(timeout=2)
+        self._join_readers()
         return code

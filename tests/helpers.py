@@ -1,19 +1,25 @@
-"""Shared helpers for the daemon integration tests: a fake wall clock, configs, exposition parsing."""
+"""Shared test helpers: a fake wall clock, configs, exposition parsing, `python -m exporter` children."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Final
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import Config, parse_config
 
+ROOT: Final = Path(__file__).resolve().parent.parent
 # Recognisable, so a leak into /metrics, the landing page or a log is easy to grep for.
 KEY: Final = "apk_user_DAEMONLEAK_123456789"
 T0: Final = datetime(2026, 11, 24, 18, 0, 0, tzinfo=UTC)
@@ -114,3 +120,67 @@ async def wait_until(
 def query_key(query: Mapping[str, list[str]]) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """A hashable, order-insensitive form of a recorded query string."""
     return tuple(sorted((k, tuple(v)) for k, v in query.items()))
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment for a child, minus the exporter's own variables, importing this checkout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DEVIN_API_KEY", "DEVIN_EXPORTER_CONFIG")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`python -m exporter ...` run to completion, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", *args],
+        env=env or subprocess_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+class ExporterProcess:
+    """`python -m exporter ...` as a child; stdout/stderr lines collected by threads so reads never block.
+
+    `lines` and the condition `_cond` (notified on every line and at each stream's end) are what
+    subclasses wait on.
+    """
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.args = [sys.executable, "-m", "exporter", *args]
+        self.popen = subprocess.Popen(
+            self.args,
+            cwd=ROOT,
+            env=env or subprocess_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        self.lines: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self._cond = threading.Condition()
+        self._readers = [
+            threading.Thread(target=self._read, args=(name, stream), daemon=True)
+            for name, stream in (("stdout", self.popen.stdout), ("stderr", self.popen.stderr))
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, name: str, stream: object) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            with self._cond:
+                self.lines[name].append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _join_readers(self) -> None:
+        for reader in self._readers:
+            reader.join(timeout=2)

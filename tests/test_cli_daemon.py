@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import http.client as http_client
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,56 +18,18 @@ from pathlib import Path
 from typing import Final
 
 import pytest
-from helpers import labels, parse_samples
+from helpers import USAGE_METRICS, ExporterProcess, labels, parse_samples, run_cli, subprocess_env
 
-ROOT: Final = Path(__file__).resolve().parent.parent
 SIM_KEY: Final = "apk_user_simulator"
-USAGE: Final = (
-    "devin_usage_sessions",
-    "devin_usage_searches",
-    "devin_usage_prs_opened",
-    "devin_usage_prs_closed",
-    "devin_usage_prs_merged",
-)
+USAGE: Final = tuple(USAGE_METRICS.values())
 LISTENING_RE: Final = re.compile(r"\bmsg=listening url=(http://\S+)")
 
 
-class Proc:
-    """A subprocess whose stdout and stderr lines are collected by threads, so reads never block."""
+class Proc(ExporterProcess):
+    """An exporter child whose output is waited on by stream; `env` adds to the usual child environment."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.args = [sys.executable, "-m", "exporter", *args]
-        environment = {
-            k: v for k, v in os.environ.items() if k not in ("DEVIN_API_KEY", "DEVIN_EXPORTER_CONFIG")
-        }
-        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
-        environment.update(env or {})
-        self.popen = subprocess.Popen(
-            self.args,
-            cwd=ROOT,
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
-        self.lines: dict[str, list[str]] = {"stdout": [], "stderr": []}
-        self._cond = threading.Condition()
-        self._readers = [
-            threading.Thread(target=self._read, args=(name, stream), daemon=True)
-            for name, stream in (("stdout", self.popen.stdout), ("stderr", self.popen.stderr))
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _read(self, name: str, stream: object) -> None:
-        for line in stream:  # type: ignore[attr-defined]
-            with self._cond:
-                self.lines[name].append(line.rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
+        super().__init__(*args, env=subprocess_env(**(env or {})))
 
     def wait_for(self, stream: str, pattern: re.Pattern[str] | str, timeout: float = 10.0) -> re.Match[str]:
         """The first line of `stream` matching `pattern`; fails after `timeout` or if the process exits."""
@@ -105,16 +63,14 @@ class Proc:
 
     def wait(self, timeout: float) -> int:
         code = self.popen.wait(timeout)
-        for reader in self._readers:
-            reader.join(timeout=2)
+        self._join_readers()
         return code
 
     def kill(self) -> None:
         if self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait(5)
-        for reader in self._readers:
-            reader.join(timeout=2)
+        self._join_readers()
 
 
 def http(method: str, url: str, body: object | None = None, timeout: float = 5.0) -> tuple[int, str]:
@@ -264,15 +220,7 @@ def usage_labels(text: str) -> set[tuple[str, str]]:
 
 def test_once_prints_every_org_set_and_window_and_exits_0(sim: str, tmp_path: Path) -> None:
     config = write_config(tmp_path / "config.yaml", sim)
-    result = subprocess.run(
-        [sys.executable, "-m", "exporter", "--config", str(config), "--once"],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_cli("--config", str(config), "--once", timeout=30)
     assert result.returncode == 0, result.stderr
     samples = parse_samples(result.stdout)
     for name in USAGE:
@@ -288,15 +236,7 @@ def test_once_prints_every_org_set_and_window_and_exits_0(sim: str, tmp_path: Pa
 def test_once_exits_1_and_still_prints_devin_up_0_when_the_api_fails(sim: str, tmp_path: Path) -> None:
     assert http("POST", f"{sim}/-/faults", {"status": 500})[0] == 200
     config = write_config(tmp_path / "config.yaml", sim, retries=0)
-    result = subprocess.run(
-        [sys.executable, "-m", "exporter", "--config", str(config), "--once"],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_cli("--config", str(config), "--once", timeout=30)
     assert result.returncode == 1, result.stderr
     samples = parse_samples(result.stdout)
     assert samples["devin_up"] == {labels(org=o): 0.0 for o in ("enterprise", "platform", "mobile-oncall")}
@@ -308,25 +248,8 @@ def test_once_exits_1_and_still_prints_devin_up_0_when_the_api_fails(sim: str, t
 
 def test_log_format_json_writes_one_json_object_per_line(sim: str, tmp_path: Path) -> None:
     config = write_config(tmp_path / "config.yaml", sim)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "exporter",
-            "--config",
-            str(config),
-            "--once",
-            "--log-format",
-            "json",
-            "--log-level",
-            "debug",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+    result = run_cli(
+        "--config", str(config), "--once", "--log-format", "json", "--log-level", "debug", timeout=30
     )
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -44,6 +44,7 @@ from e2e_support import (
     variable_query,
     wait_until,
 )
+from helpers import USAGE_METRICS
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.simulator import DEFAULT_DEMO_KEY, USAGE_PATH, expected_usage, parse_datetime
@@ -59,14 +60,6 @@ pytestmark = pytest.mark.skipif(
 JOB: Final = "devin-usage-exporter"
 POLL_INTERVAL: Final = 2.0  # seconds; the exporter's poll.interval below
 WINDOW_SECONDS: Final = {"1h": 3600, "24h": 86400, "7d": 7 * 86400}
-# API field -> metric, SPEC §5.
-USAGE_METRICS: Final = {
-    "sessions_count": "devin_usage_sessions",
-    "searches_count": "devin_usage_searches",
-    "prs_opened": "devin_usage_prs_opened",
-    "prs_closed": "devin_usage_prs_closed",
-    "prs_merged": "devin_usage_prs_merged",
-}
 # Values for the dashboard's Grafana variables. `$org` / `$window` are only used with `=~`, and
 # the variables' "All" value is `.+`. Scrapes are 1 s apart, so a 30 s rate window always holds
 # enough samples (Grafana's $__rate_interval is at least 4 scrape intervals).

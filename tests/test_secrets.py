@@ -25,8 +25,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from hardening_support import ROOT, Daemon, free_port, run_cli, subprocess_env
-from helpers import labels, parse_samples, wait_until
+from hardening_support import Daemon, free_port
+from helpers import ROOT, labels, parse_samples, run_cli, subprocess_env, wait_until
 
 from exporter.client import ApiError, UsageClient, UsageQuery, new_session
 from exporter.config import ConfigError, parse_config

@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from hardening_support import ROOT, subprocess_env
+from helpers import ROOT, subprocess_env
 
 SOAK = ROOT / "benchmarks" / "soak.py"
 FIGURES = re.compile(r"rss=[\d.]+ MiB  fds=\d+  asyncio_tasks=\d+")
