@@ -27,6 +27,12 @@ class ScheduleKey:
     delay: float
     timezone: str
 
+    def query_identity(self) -> tuple[object, ...]:
+        """What the API is asked, without the interval (which only decides when it is asked)."""
+        w = self.window
+        return (self.org_set, self.org_ids, self.user_ids, w.name, w.kind, w.range_seconds, self.delay,
+                self.timezone)
+
     @classmethod
     def of(cls, org_set: OrgSet, window: Window, poll: PollSettings) -> ScheduleKey:
         # Only calendar windows depend on the zone; a zone change must not re-poll the others.
@@ -70,8 +76,10 @@ class Poller:
     def apply_config(self, config: Config) -> None:
         """Switch to a new config: unchanged schedules keep their timing and values."""
         old = {ScheduleKey.of(s, w, self.snapshot.config.poll) for s, w in self.snapshot.schedules()}
-        new = {ScheduleKey.of(s, w, config.poll) for s in config.org_sets for w in s.windows}
-        kept = {(k.org_set, k.window.name) for k in old & new}
+        new = {ScheduleKey.of(s, w, config.poll).query_identity() for s in config.org_sets for w in s.windows}
+        # Values survive when the same question is asked of the API; a schedule whose interval
+        # changed gets a new task (new timing) but keeps its last values and devin_up.
+        kept = {(k.org_set, k.window.name) for k in old if k.query_identity() in new}
         self._client.update_settings(config.api)
         self.snapshot = self.snapshot.with_config(config, kept)
         if self._started:

@@ -114,6 +114,9 @@ class Exporter:
             return False
         if self._poller is not None:
             self._poller.apply_config(config)
+        else:  # a SIGHUP during start-up, before the poller exists: start with the new config
+            self._initial_config = config
+            self._empty = Snapshot.empty(config)
         self.stats.track(s.name for s in config.org_sets)
         self.reload_status.successful = True
         self.reload_status.last_success = self._clock()

@@ -834,3 +834,24 @@ async def test_changing_the_time_zone_repolls_only_calendar_windows(make_rig: Ri
     assert rig.exporter.reload(lambda: new) is True
     kept = {key.window.name for key, task in tasks_before.items() if rig.poller._tasks.get(key) is task}
     assert kept == {"24h"}
+
+
+async def test_reload_changing_only_the_interval_keeps_values_and_devin_up(make_rig: RigFactory) -> None:
+    rig = await make_rig(TWO_SETS)
+    before = await rig.samples()
+    assert set(before["devin_up"].values()) == {1.0}
+    rig.faults.hang = True  # a re-poll could not succeed: what stays published is what was kept
+    new = make_config(rig.config.api.base_url, TWO_SETS, interval="2h")
+    assert rig.exporter.reload(lambda: new) is True
+    after = await rig.samples()
+    assert after["devin_up"] == before["devin_up"]
+    assert usage_series(after) == usage_series(before)
+    assert {w.interval for s in rig.config.org_sets for w in s.windows} == {7200.0}
+
+
+async def test_reload_before_the_poller_exists_is_not_lost() -> None:
+    config = make_config("http://127.0.0.1:9", "- name: first\n")
+    newer = make_config("http://127.0.0.1:9", "- name: second\n")
+    exporter = Exporter(config)
+    assert exporter.reload(lambda: newer) is True
+    assert [s.name for s in exporter.config.org_sets] == ["second"]
