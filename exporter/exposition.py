@@ -459,6 +459,7 @@ class Exposition:
         self._fresh = _Fresh(collector)
         self._formats: OrderedDict[str, _Format] = OrderedDict()
         self.renders = 0  # chunks rendered since start; tests use it to see what a scrape re-rendered
+        self._renders_since_yield = 0
 
     async def run(self, *, every: float = REFRESH_SECONDS,
                   sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
@@ -540,6 +541,15 @@ class Exposition:
             fmt.body = body
             return body
 
+    async def _rendered(self, chunks: int) -> None:
+        """Count rendered chunks, and yield to the event loop every RENDERS_PER_YIELD of them: a
+        big re-render (start-up, reload, a long-unscraped format) must not stall polling."""
+        self.renders += chunks
+        self._renders_since_yield += chunks
+        if self._renders_since_yield >= RENDERS_PER_YIELD:
+            self._renders_since_yield = 0
+            await asyncio.sleep(0)
+
     def _fresh_enough(self, body: _Body) -> bool:
         return (body.snapshot is self._snapshot() and body.stats_version == self._stats.version
                 and body.valid_from <= self._clock() <= body.valid_until)
@@ -550,7 +560,6 @@ class Exposition:
         snap, now, version = self._snapshot(), self._clock(), self._stats.version
         config, collector, previous = snap.config, self._collector, fmt.body
         org_sets = config.org_sets
-        renders = 0
 
         def render_usage(index: int) -> _Chunk:
             org_set = org_sets[index]
@@ -568,9 +577,7 @@ class Exposition:
             for index in range(len(org_sets)):
                 usage.append(render_usage(index))
                 health.append(render_health(index))
-                renders += 2
-                if index % RENDERS_PER_YIELD == RENDERS_PER_YIELD - 1:
-                    await asyncio.sleep(0)  # a full render of 1,000 org sets must not stall polling
+                await self._rendered(2)
             names = [s.name for s in org_sets]
             fmt.usage.reset(names, usage)
             fmt.health.reset(list(names), health)
@@ -583,14 +590,9 @@ class Exposition:
                 expired = {i for i, c in enumerate(fmt.usage.chunks) if now > c.valid_until}
             for index in sorted(changed | expired):
                 fmt.usage.replace(index, render_usage(index))
-                renders += 1
                 if index in changed:
                     fmt.health.replace(index, render_health(index))
-                    renders += 1
-                if renders >= RENDERS_PER_YIELD:
-                    self.renders += renders
-                    renders = 0
-                    await asyncio.sleep(0)
+                await self._rendered(2 if index in changed else 1)
         chunks = fmt.usage.chunks
         valid_from = max((c.valid_from for c in chunks), default=-math.inf)
         valid_until = min((c.valid_until for c in chunks), default=math.inf)
@@ -598,12 +600,10 @@ class Exposition:
         items = list(self._stats.items())
         if [name for name, _ in items] != fmt.api.names:
             api = []
-            for index, (name, stats) in enumerate(items):
+            for name, stats in items:
                 families = collector.api_families([(name, stats)])
                 api.append(_Chunk((stats, stats.version), fmt.render(families)))
-                renders += 1
-                if index % RENDERS_PER_YIELD == RENDERS_PER_YIELD - 1:
-                    await asyncio.sleep(0)
+                await self._rendered(1)
             fmt.api.reset([name for name, _ in items], api)
         else:
             old_api = fmt.api.chunks
@@ -614,8 +614,7 @@ class Exposition:
                     families = collector.api_families([(name, stats)])
                     chunk = _Chunk((stats, stats.version), fmt.render(families))
                     fmt.api.replace(index, chunk)
-                    renders += 1
-        self.renders += renders
+                    await self._rendered(1)
         return _Body(snap, version, valid_from, valid_until, (fmt.usage, fmt.health, fmt.api))
 
 
