@@ -23,7 +23,6 @@ if TYPE_CHECKING:  # webconfig.py imports this module's YAML walker
     from exporter.webconfig import WebConfig
 
 DEFAULT_BASE_URL: Final = "https://api.devin.ai"
-DEFAULT_LISTEN: Final = "0.0.0.0:9877"
 DEFAULT_WINDOWS: Final = ("1h", "24h", "7d", "30d")
 API_KEY_ENV: Final = "DEVIN_API_KEY"
 MIN_WINDOW_SECONDS: Final = 60.0
@@ -381,15 +380,16 @@ def _api(node: _Node, env: Mapping[str, str], base_dir: Path) -> ApiSettings:
             node.child("api_key", None).fail(
                 f"missing: set api.api_key, api.api_key_file or the {API_KEY_ENV} environment variable"
             )
+    defaults = ApiSettings(base_url=DEFAULT_BASE_URL, api_key=ApiKey(""))  # every default lives there
     return ApiSettings(
         base_url=base_url.rstrip("/"),
         api_key=ApiKey(api_key),
-        timeout=_positive(keys["timeout"], keys["timeout"].duration()) if "timeout" in keys else 30.0,
-        max_concurrency=keys["max_concurrency"].integer(minimum=1) if "max_concurrency" in keys else 4,
-        max_requests_per_second=(
-            keys["max_requests_per_second"].number(above=0) if "max_requests_per_second" in keys else 2.0
-        ),
-        retries=keys["retries"].integer(minimum=0) if "retries" in keys else 3,
+        timeout=_positive(keys["timeout"], keys["timeout"].duration()) if "timeout" in keys else defaults.timeout,
+        max_concurrency=(keys["max_concurrency"].integer(minimum=1) if "max_concurrency" in keys
+                         else defaults.max_concurrency),
+        max_requests_per_second=(keys["max_requests_per_second"].number(above=0)
+                                 if "max_requests_per_second" in keys else defaults.max_requests_per_second),
+        retries=keys["retries"].integer(minimum=0) if "retries" in keys else defaults.retries,
         api_key_file=key_file,
     )
 
@@ -498,7 +498,6 @@ def _org_sets(node: _Node, global_windows: tuple[Window, ...], interval: float) 
         node.fail("must list at least one org set (for example `- name: enterprise`)")
     sets: list[OrgSet] = []
     names: set[str] = set()  # not a scan of `sets`: that is quadratic, and configs reach thousands
-    label_names: set[tuple[str, ...]] = set()
     for item in node.sequence():
         keys = item.mapping(_ORG_SET_KEYS)
         if "name" not in keys:
@@ -509,7 +508,6 @@ def _org_sets(node: _Node, global_windows: tuple[Window, ...], interval: float) 
         names.add(name)
         windows = _windows(keys["windows"], interval) if "windows" in keys else global_windows
         labels = _labels(keys["labels"]) if "labels" in keys else ()
-        label_names.add(tuple(n for n, _ in labels))
         sets.append(OrgSet(
             name=name,
             org_ids=keys["org_ids"].string_list() if "org_ids" in keys else (),
@@ -522,7 +520,8 @@ def _org_sets(node: _Node, global_windows: tuple[Window, ...], interval: float) 
 
 def _server(node: _Node, base_dir: Path) -> ServerSettings:
     keys = node.mapping(_SERVER_KEYS)
-    host, port = "0.0.0.0", 9877
+    defaults = ServerSettings()
+    host, port = defaults.host, defaults.port
     if "listen" in keys:
         try:
             host, port = parse_listen(keys["listen"].string())
