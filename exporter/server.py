@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
@@ -15,7 +14,7 @@ from exporter.service import Exporter
 EXPORTER_KEY = web.AppKey("exporter", Exporter)
 
 
-def create_app(exporter: Exporter, *, clock: Callable[[], float] = time.time) -> web.Application:
+def create_app(exporter: Exporter) -> web.Application:
     # Basic auth from server.web_config_file guards every route but /healthz. Read once: like
     # the listen address, a changed web config takes effect on restart (a reload validates it).
     web_config = exporter.config.server.web_config
@@ -31,7 +30,7 @@ def create_app(exporter: Exporter, *, clock: Callable[[], float] = time.time) ->
     app.router.add_get("/metrics", metrics_handler(exporter.exposition))
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/", _landing_page(clock))
+    app.router.add_get("/", _landing_page(exporter.clocks.wall))
     return app
 
 

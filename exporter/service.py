@@ -35,7 +35,7 @@ class Exporter:
         random: Callable[[], float] = random_module.random,
     ) -> None:
         self._initial_config = config
-        self._clocks = Clocks(wall=clock, monotonic=monotonic, sleep=sleep, random=random)
+        self.clocks = Clocks(wall=clock, monotonic=monotonic, sleep=sleep, random=random)
         self._clock = clock
         self.stats = ApiStats()
         self.stats.track(s.name for s in config.org_sets)
@@ -48,7 +48,8 @@ class Exporter:
         collector = ExporterCollector(lambda: self.snapshot, self.stats, self.reload_status, clock)
         self.registry: CollectorRegistry = build_registry(collector)
         # /metrics renders from bytes cached per snapshot change, not from the registry per scrape.
-        self.exposition = Exposition(collector, lambda: self.snapshot, self.stats, self.registry, clock=clock)
+        self.exposition = Exposition(collector, lambda: self.snapshot, self.stats, self.registry, clock=clock,
+                                     monotonic=monotonic)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -63,7 +64,7 @@ class Exporter:
     async def open(self) -> Poller:
         """Create the one process-wide client session and the poller (not yet polling)."""
         self._session = new_session()
-        clocks = self._clocks
+        clocks = self.clocks
         client = UsageClient(self._session, self._initial_config.api, monotonic=clocks.monotonic,
                              wall_clock=clocks.wall, sleep=clocks.sleep, random=clocks.random,
                              observer=self.stats.observe)

@@ -151,7 +151,7 @@ async def make_rig() -> AsyncIterator[RigFactory]:
         config = make_config(base_url, org_sets, **config_kw)  # type: ignore[arg-type]
         # random=0: no first-poll spread and no backoff wait between retries.
         exporter = Exporter(config, clock=clock.time, random=lambda: 0.0)
-        client = TestClient(TestServer(create_app(exporter, clock=clock.time), host="127.0.0.1"))
+        client = TestClient(TestServer(create_app(exporter), host="127.0.0.1"))
         rig = Rig(clock, faults, sim, exporter, client)
         started.append(rig)
         await client.start_server()

@@ -162,7 +162,7 @@ async def make_rig() -> AsyncIterator[RigFactory]:
         exporter = Exporter(
             config, clock=clock.time, monotonic=clock.monotonic, sleep=clock.sleep, random=lambda: random
         )
-        client = TestClient(TestServer(create_app(exporter, clock=clock.time), host="127.0.0.1"))
+        client = TestClient(TestServer(create_app(exporter), host="127.0.0.1"))
         rig = Rig(clock, up, exporter, client)
         rigs.append(rig)
         await client.start_server()
