@@ -497,11 +497,15 @@ class UsageClient:
     ) -> ApiError:
         # Belt and braces: the message is built from our own words plus server/aiohttp text, and a
         # misbehaving proxy may echo request headers in its body. Scrub the key from all of it.
+        return ApiError(reason, _truncate(self._scrub(message), _MESSAGE_CHARS), status=status,
+                        retry_after=retry_after)
+
+    def _scrub(self, text: str) -> str:
+        """The text without the key or any bearer token; call it before cutting text short, since a
+        key cut in half is no longer recognisable."""
         key = self._settings.api_key.reveal()
-        text = _BEARER_TOKEN.sub(r"\1***", message)
-        if key:
-            text = text.replace(key, "***")
-        return ApiError(reason, _truncate(text, _MESSAGE_CHARS), status=status, retry_after=retry_after)
+        text = _BEARER_TOKEN.sub(r"\1***", text)
+        return text.replace(key, "***") if key else text
 
     def _params(self, query: UsageQuery) -> list[tuple[str, str]]:
         # A list of pairs, not a dict, so org_ids/user_ids repeat as FastAPI expects.
@@ -558,7 +562,7 @@ class UsageClient:
                 )
             except aiohttp.ClientError as exc:
                 # Our own words plus the exception's str(); never its repr, which holds request_info.
-                detail = _truncate(str(exc), _SNIPPET_CHARS)
+                detail = _truncate(self._scrub(str(exc)), _SNIPPET_CHARS)
                 outcome = self._error(
                     ErrorReason.CONNECTION,
                     f"connection failed: {type(exc).__name__}" + (f": {detail}" if detail else ""),

@@ -805,6 +805,8 @@ LEAKY_FAILURES: Final[list[Callable[[], Reply]]] = [
     lambda: TimeoutError(),
     lambda: aiohttp.ServerTimeoutError(f"timeout {KEY}"),
     lambda: aiohttp.ClientConnectionError(f"refused Bearer {KEY}"),
+    # The key straddles the 200-character cut of exception text: scrubbed before it is cut.
+    lambda: aiohttp.ClientConnectionError("x" * 180 + KEY),
     lambda: aiohttp.ServerDisconnectedError(),
     _header_carrying_error,
 ]
@@ -814,7 +816,7 @@ LEAKY_FAILURES: Final[list[Callable[[], Reply]]] = [
     "make_failure",
     LEAKY_FAILURES,
     ids=["401-echo", "403", "422-echo", "302-echo", "429", "500-echo", "invalid-echo", "timeout",
-         "server-timeout-echo", "refused-echo", "disconnected", "request-info-headers"],
+         "server-timeout-echo", "refused-echo", "cut-key-echo", "disconnected", "request-info-headers"],
 )
 async def test_api_key_never_appears_in_errors_logs_or_tracebacks(
     h: Harness, caplog: pytest.LogCaptureFixture, make_failure: Callable[[], Reply]
@@ -831,6 +833,7 @@ async def test_api_key_never_appears_in_errors_logs_or_tracebacks(
     texts.append(repr(pickle.loads(pickle.dumps(error))))
     for text in texts:
         assert KEY not in text
+        assert KEY[len("apk_user_"):][:8] not in text  # nor a key cut short by truncation
     assert error.__cause__ is None
     assert error.__context__ is None
     assert error.__suppress_context__ is True
