@@ -77,16 +77,12 @@ class ApiStats:
 
     def track(self, org_sets: Iterable[str]) -> None:
         """Count for exactly these org sets: new ones start at 0, removed ones' series disappear."""
-        keep = set(org_sets)
-        for name in list(self._orgs):
-            if name not in keep:
-                del self._orgs[name]
-        for name in keep:
-            self._orgs.setdefault(name, _OrgApiStats())
+        # Kept in name order here, once per reload, rather than sorted on every render.
+        self._orgs = {name: self._orgs.get(name) or _OrgApiStats() for name in sorted(set(org_sets))}
         self.version += 1
 
     def items(self) -> Iterator[tuple[str, _OrgApiStats]]:
-        return iter(sorted(self._orgs.items()))
+        return iter(self._orgs.items())
 
 
 @dataclass
