@@ -382,12 +382,10 @@ class UsageClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         random: Callable[[], float] = _random.random,
         observer: Callable[[Attempt], None] | None = None,
-        proxy_from_env: bool = True,
     ) -> None:
         self._session = session
         self._settings = settings
-        self._proxy_from_env = proxy_from_env
-        self._proxy = env_proxy(settings.base_url) if proxy_from_env else (None, None)
+        self._proxy = env_proxy(settings.base_url)
         self._monotonic = monotonic
         self._wall_clock = wall_clock
         self._sleep = sleep
@@ -410,7 +408,7 @@ class UsageClient:
     def update_settings(self, settings: ApiSettings) -> None:
         """Config reload: the new key, URL, timeout, retries and limits apply to later attempts."""
         self._settings = settings
-        self._proxy = env_proxy(settings.base_url) if self._proxy_from_env else (None, None)
+        self._proxy = env_proxy(settings.base_url)
         self._in_flight.set_limit(settings.max_concurrency)
 
     async def fetch(self, query: UsageQuery) -> dict[str, float]:
