@@ -23,7 +23,7 @@ from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
 from exporter import USER_AGENT
-from exporter.config import ApiSettings
+from exporter.config import IDENTIFIER_RE, ApiSettings
 
 __all__ = [
     "ApiError",
@@ -55,7 +55,6 @@ CONNECTOR_LIMIT: Final = 32
 _SNIPPET_CHARS: Final = 200
 _MESSAGE_CHARS: Final = 1000
 # Extra fields become metric names (`devin_usage_<field>`), so only names that are valid there pass.
-_EXTRA_FIELD_NAME: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 # What an HTTP header value may carry; a key with a newline or space would be rejected by aiohttp
 # with an error we do not control, or worse, split the header.
 _HEADER_TOKEN: Final = re.compile(r"[\x21-\x7e]+")
@@ -319,7 +318,7 @@ def _parse_usage(body: bytes) -> dict[str, float]:
             raise _InvalidResponse(f"field {name!r} is {value}, above 2**53 (not exact as a float)")
         result[name] = value
     for name, value in document.items():
-        if name in result or not isinstance(name, str) or not _EXTRA_FIELD_NAME.fullmatch(name):
+        if name in result or not isinstance(name, str) or not IDENTIFIER_RE.fullmatch(name):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue  # extras are a bonus: anything that is not a plain count is ignored, not an error

@@ -159,7 +159,8 @@ _DURATION_RE: Final = re.compile(
     r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$"
 )
 _DURATION_UNITS: Final = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
-_LABEL_NAME_RE: Final = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+# A Prometheus label name, and what a metric name suffix taken from outside may be.
+IDENTIFIER_RE: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _SECRET_ENV_RE: Final = re.compile(r"KEY|TOKEN|SECRET|PASSW", re.IGNORECASE)
 # Devin API keys (`apk_user_…`, `apk_…`): a key written literally into the wrong field (say
 # api_key_file: apk_user_…, or as a base_url) would otherwise be quoted back in the error and the log.
@@ -483,7 +484,7 @@ def _labels(node: _Node) -> tuple[tuple[str, str], ...]:
     labels: list[tuple[str, str]] = []
     for name, value in node.value.items():
         child = node.child(str(name), value)
-        if not isinstance(name, str) or not _LABEL_NAME_RE.match(name) or name.startswith("__"):
+        if not isinstance(name, str) or not IDENTIFIER_RE.fullmatch(name) or name.startswith("__"):
             child.fail(f"{name!r} is not a valid Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*, no leading __)")
         if name in RESERVED_LABELS:
             child.fail(f"label {name!r} is set by the exporter itself; choose another name")

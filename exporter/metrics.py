@@ -6,7 +6,6 @@ import bisect
 import logging
 import math
 import platform
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.client import Attempt, ErrorReason
-from exporter.config import OrgSet
+from exporter.config import IDENTIFIER_RE, OrgSet
 from exporter.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -33,7 +32,6 @@ USAGE_FIELDS: Final = {
 }
 _RESERVED_SUFFIXES: Final = {suffix for suffix, _ in USAGE_FIELDS.values()} | {
     "last_success_timestamp_seconds"}
-_METRIC_SUFFIX_RE: Final = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 LATENCY_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -143,7 +141,7 @@ class ExporterCollector(Collector):
 
     def _extra_family(self, api_field: str, families: dict[str, Metric], help_tail: str) -> Metric | None:
         """A family for a numeric field the API added beyond the documented five."""
-        if not _METRIC_SUFFIX_RE.match(api_field) or api_field in _RESERVED_SUFFIXES:
+        if not IDENTIFIER_RE.fullmatch(api_field) or api_field in _RESERVED_SUFFIXES:
             return None
         if api_field not in self._announced_extras:
             self._announced_extras.add(api_field)
