@@ -9,15 +9,23 @@ kept as bytes, per content type:
   chunk is reused while its inputs are the same objects (the snapshot's results of that org set
   and the config; the org set's API stats version) and, for usage series, until the earliest time
   one of them goes stale (the collector's injected clock decides, as it would uncached).
-- a *segment* (usage, health, API families): its chunks merged by family, joined once into the
-  bytes every scrape sends, and — for gzip — deflated in blocks of ~16 chunks per family, each
-  block compressed once with a sync flush and kept until one of its chunks changes.
+- a *segment* (usage, health, API families): its chunks merged by family, kept as blocks of the
+  lines of ~16 org sets per family, so one org set's change rebuilds a few KiB.
+- a *body*: the segments' blocks at one moment, frozen, with what scrapes need made once: the
+  blocks joined into a few large pieces, and — for gzip — each block deflated with a sync flush
+  (a block that did not change reuses its previous deflate) and the CRC-32 of them all.
 
 The exporter's own small families (build info, reload status, process_*, python_*) are rendered
-on every scrape. A scrape sends the cached segments and that tail as they are, without copying
-them into one buffer. A gzip response is one gzip member: header, the cached deflate blocks, the
-fresh tail, a final empty block, then CRC-32 and length (RFC 1951/1952; pigz assembles streams the
-same way) — not several members, which some clients (curl) stop reading after the first of.
+on every scrape. A gzip response is one gzip member: header, the body's deflate blocks, the fresh
+tail, a final empty block, then CRC-32 and length (RFC 1951/1952; pigz assembles streams the same
+way) — not several members, which some clients (curl) stop reading after the first of.
+
+A format that is scraped regularly is kept up to date by a background task (Exposition.run), which
+renders in slices of at most SLICE_SECONDS of CPU so that polling keeps going. While it runs, a
+scrape sends the newest finished body if it is at most MAX_LAG_SECONDS behind rather than wait
+for the next one: a scrape does not wait on rendering, at the cost of showing a poll result up to
+about REFRESH_SECONDS late (never across a reload or a staleness horizon). A format scraped once
+in a while (curl) is rendered by its scrape, up to date.
 """
 
 from __future__ import annotations
@@ -65,9 +73,18 @@ STREAM_ABOVE: Final = 1 << 20
 # how long after its last scrape a format stops being kept up to date.
 REFRESH_SECONDS: Final = 0.25
 FORMAT_IDLE_SECONDS: Final = 600.0
-# Render this many chunks, then let the event loop run: a full render of 1,000 org sets must not
-# stall the poller (or other scrapes) for its whole duration.
+# Rendering lets the event loop run after this much CPU time, or this many chunks, whichever comes
+# first: a full render of 1,000 org sets (~0.5 s) must not stall the poller or scrapes for its
+# duration, and while polling, a scrape waits at most one slice.
+SLICE_SECONDS: Final = 0.0003
 RENDERS_PER_YIELD: Final = 32
+# While a format is kept up to date in the background, a scrape sends its newest body if that was
+# last known to be up to date at most this long ago (so its results are at most this late),
+# instead of waiting for a render. Older (the background task fell behind), it waits.
+MAX_LAG_SECONDS: Final = 1.0
+# The joined pieces a plain scrape sends: large enough to be few, small enough to make one in
+# well under a slice.
+PIECE_BYTES: Final = 256 * 1024
 
 _GZIP_HEADER: Final = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, OS unknown
 _EOF: Final = b"# EOF\n"
@@ -144,7 +161,7 @@ class _Column:
     BLOCK_CHUNKS org sets with each org set's end offset, so one org set's lines are replaced by
     rebuilding a few KiB, and a scrape joins tens of blocks rather than thousands of pieces."""
 
-    __slots__ = ("blocks", "deflated", "ends")
+    __slots__ = ("blocks", "ends")
 
     def __init__(self, cells: list[bytes]) -> None:
         self.blocks: list[bytes] = []
@@ -153,7 +170,6 @@ class _Column:
             block = cells[start:start + BLOCK_CHUNKS]
             self.blocks.append(b"".join(block))
             self.ends.append(list(itertools.accumulate(map(len, block))))
-        self.deflated: list[bytes | None] = [None] * len(self.blocks)  # made on first gzip scrape
 
     def set(self, index: int, samples: bytes) -> None:
         number, cell = divmod(index, BLOCK_CHUNKS)
@@ -165,14 +181,6 @@ class _Column:
         delta = len(samples) - (end - start)
         for k in range(cell, len(ends)):
             ends[k] += delta
-        self.deflated[number] = None
-
-    def deflate(self) -> list[bytes]:
-        for number, block in enumerate(self.deflated):
-            if block is None:
-                raw = self.blocks[number]
-                self.deflated[number] = _deflate(raw) if raw else b""
-        return self.deflated  # type: ignore[return-value]  # no None left
 
 
 class _Segment:
@@ -191,16 +199,11 @@ class _Segment:
         self._columns: dict[str, _Column] = {}
         self._order: list[str] = list(skeleton)
         self._interned: dict[tuple[str, ...], tuple[str, ...]] = {}
-        self._deflated_headers: dict[str, bytes] = {}
-        self._raw: bytes | None = None
-        self._previous: bytes | None = None  # the last raw(), kept until the next one is made
-        self._deflated: bytes | None = None
 
     def reset(self, names: list[str], chunks: list[_Chunk]) -> None:
         self.names, self.chunks = names, chunks
         # A reload may change a header (the usage HELP text names the poll interval).
         self._headers = {name: self._headers[name] for name in self._skeleton}
-        self._deflated_headers = {}
         cells: dict[str, list[bytes]] = {}
         for index, chunk in enumerate(chunks):
             chunk.names = self._interned.setdefault(chunk.names, chunk.names)
@@ -229,7 +232,6 @@ class _Segment:
         chunk.families = {}
         if chunk.names is not old.names:
             self._reorder()  # a family may have appeared or gone
-        self._raw = self._deflated = None
 
     def _reorder(self) -> None:
         order = dict.fromkeys(self._skeleton)
@@ -240,73 +242,53 @@ class _Segment:
                 for name in seen:
                     order.setdefault(name)
         self._order = list(order)
-        self._raw = self._deflated = None
 
     def parts(self) -> Iterator[bytes]:
+        """The segment's bytes as they stand, in pieces: each family's header lines, then its blocks."""
         for name in self._order:
             yield self._headers[name]
             column = self._columns.get(name)
             if column is not None:
                 yield from column.blocks
 
-    def raw(self) -> bytes:
-        """The segment's bytes, joined once per change (a scrape then sends them as they are)."""
-        if self._raw is None:
-            # The previous bytes are let go only now, after the new ones are made: freed first,
-            # their space was often handed back to the OS and the new bytes faulted in page by
-            # page, which made this join several times slower than the copy itself.
-            self._raw = self._previous = b"".join(self.parts())
-        return self._raw
 
-    def deflated(self) -> bytes:
-        """raw(), deflated from cached blocks: only blocks with a changed line are compressed."""
-        if self._deflated is None:
-            parts: list[bytes] = []
-            for name in self._order:
-                header = self._deflated_headers.get(name)
-                if header is None:
-                    header = self._deflated_headers[name] = _deflate(self._headers[name])
-                parts.append(header)
-                column = self._columns.get(name)
-                if column is not None:
-                    parts.extend(column.deflate())
-            self._deflated = b"".join(parts)
-        return self._deflated
+@dataclass(frozen=True)
+class _Deflated:
+    """A body's bytes as raw deflate blocks (byte-aligned, not final), with their CRC-32 and length."""
+
+    blocks: bytes
+    crc: int
+    size: int
 
 
 @dataclass(eq=False)
 class _Body:
-    """What a scrape of one content type sends from cache, for one snapshot and API stats version."""
+    """What a scrape of one content type sends, for one snapshot and API stats version: the
+    segments' parts frozen at render time (the segments change afterwards, this does not), and
+    the encodings scrapes asked for, each made once."""
 
     snapshot: Snapshot
     stats_version: int
     valid_from: float
     valid_until: float  # the staleness horizon: the earliest time a published usage series expires
-    segments: tuple[_Segment, ...]
-    _crc: int | None = None
-    _size: int = 0
+    current_at: float  # monotonic time it was last known to be up to date
+    parts: tuple[bytes, ...]
+    pieces: tuple[bytes, ...] | None = None  # the parts joined into a few large ones, for plain scrapes
+    deflated: _Deflated | None = None  # for gzip scrapes
 
-    def raw(self) -> list[bytes]:
-        return [segment.raw() for segment in self.segments]
+    def has(self, *, gzip: bool) -> bool:
+        return (self.deflated if gzip else self.pieces) is not None
 
-    def prepare_gzip(self) -> int:
-        """The CRC-32 of the segments, and their deflated blocks made; returns the CRC."""
-        if self._crc is None:
-            crc = size = 0
-            for segment in self.segments:
-                for part in segment.parts():  # no need to join them for their CRC
-                    crc, size = zlib.crc32(part, crc), size + len(part)
-                segment.deflated()
-            self._crc, self._size = crc, size
-        return self._crc
+    def plain_parts(self, tail: bytes) -> list[bytes]:
+        assert self.pieces is not None
+        return [*self.pieces, tail]
 
     def gzip_parts(self, tail: bytes) -> list[bytes]:
-        """One gzip member: the segments' cached deflate blocks, then `tail` compressed now."""
-        self.prepare_gzip()
-        assert self._crc is not None
-        trailer = struct.pack("<II", zlib.crc32(tail, self._crc), (self._size + len(tail)) & 0xFFFFFFFF)
-        return [_GZIP_HEADER, *(segment.deflated() for segment in self.segments),
-                _deflate(tail) + _FINAL_BLOCK + trailer]
+        """One gzip member: the body's deflate blocks, then `tail` compressed now."""
+        deflated = self.deflated
+        assert deflated is not None
+        trailer = struct.pack("<II", zlib.crc32(tail, deflated.crc), (deflated.size + len(tail)) & 0xFFFFFFFF)
+        return [_GZIP_HEADER, deflated.blocks, _deflate(tail) + _FINAL_BLOCK + trailer]
 
 
 _LEGACY_NAME: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
@@ -348,12 +330,16 @@ class _Format:
         self.usage = _Segment({})
         self.health = _Segment(self.render(collector.health_families(snap, ())))
         self.api = _Segment(self.render(collector.api_families(())))
-        self.body: _Body | None = None
+        self.body: _Body | None = None  # the newest finished body; its lines never change once set
         self.lock = asyncio.Lock()
         self.splittable = True
         self.last_used = -math.inf  # monotonic time a scrape last asked for this format
         self.gap: float | None = None  # seconds between its last two scrapes
         self.gzip = False  # whether one asked for it gzip-compressed
+        self.plain = False  # whether one asked for it uncompressed
+        # Raw block -> its deflate, for the blocks of the newest body: a block that did not change
+        # is the same bytes object in the next body, found here by identity before equality.
+        self.deflated: dict[bytes, bytes] = {}
 
     def render(self, families: Sequence[Metric]) -> dict[str, tuple[bytes, bytes]]:
         encoder = self._fast if self._fast is not None and _legacy_names(families) else self.encoder
@@ -449,7 +435,7 @@ class Exposition:
 
     def __init__(self, collector: ExporterCollector, snapshot: Callable[[], Snapshot], stats: ApiStats,
                  registry: CollectorRegistry, *, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, max_lag: float = MAX_LAG_SECONDS) -> None:
         self._collector = collector
         self._monotonic = monotonic
         self._snapshot = snapshot
@@ -460,6 +446,9 @@ class Exposition:
         self._formats: OrderedDict[str, _Format] = OrderedDict()
         self.renders = 0  # chunks rendered since start; tests use it to see what a scrape re-rendered
         self._renders_since_yield = 0
+        self._slice_started = time.perf_counter()  # CPU slices, not a clock the output depends on
+        self._refresh_every: float | None = None  # while run() keeps formats up to date: its period
+        self.max_lag = max_lag  # 0: a scrape always waits for an up-to-date body
 
     async def run(self, *, every: float = REFRESH_SECONDS,
                   sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
@@ -467,35 +456,39 @@ class Exposition:
 
         Without this, a scrape renders everything that changed since the previous one: at the
         start of a big poll cycle that is most of the org sets, so the scrape would wait on it.
-        Rendering a little every `every` seconds costs about the same in total, and a scrape finds
-        at most that much left to do. Only formats scraped regularly are kept up to date (see
-        refresh): a one-off `curl` must not double the rendering work for good.
+        Rendering what changed every `every` seconds costs about the same in total, and while
+        this runs a scrape sends the newest body without waiting (see _may_lag). Only formats
+        scraped regularly are kept up to date (see _kept): a one-off `curl` must not double the
+        rendering work for good.
         """
         failing = False
-        while True:
-            await sleep(every)
-            try:
-                await self.refresh(every)
-            except Exception:
-                if not failing:
-                    log.exception("rendering /metrics in the background failed; scrapes render it themselves")
-                failing = True
-            else:
-                failing = False
+        self._refresh_every = every
+        try:
+            while True:
+                await sleep(every)
+                try:
+                    await self.refresh(every)
+                except Exception:
+                    if not failing:
+                        log.exception("rendering /metrics in the background failed; scrapes render it themselves")
+                    failing = True
+                else:
+                    failing = False
+        finally:
+            self._refresh_every = None
 
     async def refresh(self, every: float = REFRESH_SECONDS) -> None:
-        """Bring up to date, as its next scrape would, every format that is being scraped
-        regularly: at least twice, and last less than two of its scrape intervals ago (at most
-        FORMAT_IDLE_SECONDS)."""
+        """Bring up to date, as its next scrape would, every format that is being scraped regularly."""
         now = self._monotonic()
         for fmt in list(self._formats.values()):
-            if fmt.body is None or fmt.gap is None:
-                continue
-            if now - fmt.last_used > min(2 * fmt.gap + every, FORMAT_IDLE_SECONDS):
-                continue
-            body = await self._body(fmt)
-            if body is not None and fmt.gzip:
-                body.prepare_gzip()
+            if fmt.body is not None and self._kept(fmt, now, every):
+                await self._body(fmt, gzip=fmt.gzip, plain=fmt.plain)
+
+    @staticmethod
+    def _kept(fmt: _Format, now: float, every: float) -> bool:
+        """Scraped at least twice, and last less than two of its scrape intervals ago (at most
+        FORMAT_IDLE_SECONDS): the background refresh keeps this format up to date."""
+        return fmt.gap is not None and now - fmt.last_used <= min(2 * fmt.gap + every, FORMAT_IDLE_SECONDS)
 
     async def render(self, accept: str = "", *, gzip: bool = False) -> tuple[list[bytes], str]:
         """The body for an `Accept` header value (gzip-compressed if asked), as parts to send one
@@ -511,7 +504,11 @@ class Exposition:
                 self._formats[content_type] = fmt
                 while len(self._formats) > MAX_FORMATS:
                     self._formats.popitem(last=False)
-        if fmt is None or (body := await self._body(fmt)) is None:
+        body = None
+        if fmt is not None:
+            fmt.gzip, fmt.plain = fmt.gzip or gzip, fmt.plain or not gzip
+            body = self._current(fmt, gzip) or await self._body(fmt, gzip=gzip, plain=not gzip)
+        if fmt is None or body is None:
             # Never expected; kept so that a change in prometheus_client cannot break /metrics.
             output = encoder(self.registry)
             return [_gzip_whole(output) if gzip else output], content_type
@@ -519,36 +516,105 @@ class Exposition:
         now = self._monotonic()
         if fmt.last_used > -math.inf:
             fmt.gap = now - fmt.last_used
-        fmt.last_used, fmt.gzip = now, fmt.gzip or gzip
+        fmt.last_used = now
         tail = fmt.tail.render()
-        return (body.gzip_parts(tail) if gzip else [*body.raw(), tail]), content_type
+        return (body.gzip_parts(tail) if gzip else body.plain_parts(tail)), content_type
 
-    async def _body(self, fmt: _Format) -> _Body | None:
-        if not fmt.splittable:
-            return None
+    def _current(self, fmt: _Format, gzip: bool) -> _Body | None:
+        """The format's newest body if a scrape may send it now: up to date, or — while the
+        background refresh keeps this format up to date — late by at most `max_lag` seconds."""
         body = fmt.body
-        if body is not None and self._fresh_enough(body):
+        if body is None or not body.has(gzip=gzip):
+            return None
+        if self._fresh_enough(body):
+            body.current_at = self._monotonic()
             return body
+        return body if self._may_lag(fmt, body) else None
+
+    def _may_lag(self, fmt: _Format, body: _Body) -> bool:
+        every = self._refresh_every
+        now = self._monotonic()
+        return (self.max_lag > 0 and every is not None and self._kept(fmt, now, every)
+                and now - body.current_at <= self.max_lag
+                # Never across a reload (new org sets, labels, help text) or past a staleness horizon.
+                and body.snapshot.config is self._snapshot().config
+                and body.valid_from <= self._clock() <= body.valid_until)
+
+    async def _body(self, fmt: _Format, *, gzip: bool, plain: bool) -> _Body | None:
+        """The format's body, up to date, with the encodings asked for made; None if it cannot be cached."""
         async with fmt.lock:  # one render per content type at a time; a waiter reuses its result
+            if not fmt.splittable:
+                return None
             body = fmt.body
             if body is not None and self._fresh_enough(body):
-                return body
-            try:
-                body = await self._rebuild(fmt)
-            except _Unsplittable:
-                fmt.splittable = False
-                return None
-            fmt.body = body
+                body.current_at = self._monotonic()
+            else:
+                try:
+                    body = await self._rebuild(fmt)
+                except _Unsplittable:
+                    fmt.splittable = False
+                    return None
+            if plain and body.pieces is None:
+                body.pieces = await self._join(body.parts)
+            if gzip and body.deflated is None:
+                body.deflated = await self._deflate_parts(fmt, body.parts)
+            fmt.body = body  # only now: until here, scrapes that may lag send the previous one
             return body
 
+    async def _join(self, parts: Sequence[bytes]) -> tuple[bytes, ...]:
+        """`parts` joined into pieces of about PIECE_BYTES: a scrape then sends a few buffers."""
+        pieces: list[bytes] = []
+        group: list[bytes] = []
+        size = 0
+        for part in parts:
+            group.append(part)
+            size += len(part)
+            if size >= PIECE_BYTES:
+                pieces.append(b"".join(group))
+                group, size = [], 0
+                await self._pause()
+        if group or not pieces:
+            pieces.append(b"".join(group))
+        return tuple(pieces)
+
+    async def _deflate_parts(self, fmt: _Format, parts: Sequence[bytes]) -> _Deflated:
+        """`parts` as deflate blocks, compressing only those not in the previous body, and their CRC."""
+        previous, current = fmt.deflated, dict[bytes, bytes]()
+        blocks: list[bytes] = []
+        crc = size = 0
+        for part in parts:
+            block = current.get(part)
+            if block is None:
+                block = previous.get(part)
+                if block is None:
+                    block = _deflate(part) if part else b""
+                current[part] = block
+            blocks.append(block)
+            crc, size = zlib.crc32(part, crc), size + len(part)
+            await self._pause()
+        fmt.deflated = current
+        return _Deflated(b"".join(blocks), crc, size)
+
+    async def _pause(self) -> None:
+        """Let the event loop run if this slice of rendering has had its SLICE_SECONDS."""
+        if time.perf_counter() - self._slice_started >= SLICE_SECONDS:
+            await self._yield()
+
     async def _rendered(self, chunks: int) -> None:
-        """Count rendered chunks, and yield to the event loop every RENDERS_PER_YIELD of them: a
-        big re-render (start-up, reload, a long-unscraped format) must not stall polling."""
+        """Count rendered chunks, and let the event loop run after RENDERS_PER_YIELD of them or
+        SLICE_SECONDS: a big re-render (start-up, reload, a long-unscraped format) must not stall
+        polling."""
         self.renders += chunks
         self._renders_since_yield += chunks
         if self._renders_since_yield >= RENDERS_PER_YIELD:
-            self._renders_since_yield = 0
-            await asyncio.sleep(0)
+            await self._yield()
+        else:
+            await self._pause()
+
+    async def _yield(self) -> None:
+        await asyncio.sleep(0)
+        self._renders_since_yield = 0
+        self._slice_started = time.perf_counter()
 
     def _fresh_enough(self, body: _Body) -> bool:
         return (body.snapshot is self._snapshot() and body.stats_version == self._stats.version
@@ -558,6 +624,7 @@ class Exposition:
         """Re-render what changed since the format's last body: the org sets whose results are new
         objects, those past their staleness horizon, and the org sets whose API stats moved."""
         snap, now, version = self._snapshot(), self._clock(), self._stats.version
+        current_at = self._monotonic()
         config, collector, previous = snap.config, self._collector, fmt.body
         org_sets = config.org_sets
 
@@ -576,8 +643,9 @@ class Exposition:
             health: list[_Chunk] = []
             for index in range(len(org_sets)):
                 usage.append(render_usage(index))
+                await self._rendered(1)
                 health.append(render_health(index))
-                await self._rendered(2)
+                await self._rendered(1)
             names = [s.name for s in org_sets]
             fmt.usage.reset(names, usage)
             fmt.health.reset(list(names), health)
@@ -590,9 +658,10 @@ class Exposition:
                 expired = {i for i, c in enumerate(fmt.usage.chunks) if now > c.valid_until}
             for index in sorted(changed | expired):
                 fmt.usage.replace(index, render_usage(index))
+                await self._rendered(1)
                 if index in changed:
                     fmt.health.replace(index, render_health(index))
-                await self._rendered(2 if index in changed else 1)
+                    await self._rendered(1)
         chunks = fmt.usage.chunks
         valid_from = max((c.valid_from for c in chunks), default=-math.inf)
         valid_until = min((c.valid_until for c in chunks), default=math.inf)
@@ -615,7 +684,8 @@ class Exposition:
                     chunk = _Chunk((stats, stats.version), fmt.render(families))
                     fmt.api.replace(index, chunk)
                     await self._rendered(1)
-        return _Body(snap, version, valid_from, valid_until, (fmt.usage, fmt.health, fmt.api))
+        parts = tuple(part for segment in (fmt.usage, fmt.health, fmt.api) for part in segment.parts())
+        return _Body(snap, version, valid_from, valid_until, current_at, parts)
 
 
 def _gzip_whole(data: bytes) -> bytes:

@@ -151,6 +151,9 @@ async def make_rig() -> AsyncIterator[RigFactory]:
         config = make_config(base_url, org_sets, **config_kw)  # type: ignore[arg-type]
         # random=0: no first-poll spread and no backoff wait between retries.
         exporter = Exporter(config, clock=clock.time, random=lambda: 0.0)
+        # These tests assert what a scrape shows right after a poll; the up to 1 s lag a regularly
+        # scraped /metrics may show while it is re-rendered is tested in test_exposition.py.
+        exporter.exposition.max_lag = 0.0
         client = TestClient(TestServer(create_app(exporter), host="127.0.0.1"))
         rig = Rig(clock, faults, sim, exporter, client)
         started.append(rig)

@@ -336,6 +336,113 @@ async def test_background_refresh_only_keeps_formats_that_are_scraped_regularly(
     assert rig.exposition.renders == renders + 4
 
 
+class _Refreshing:
+    """Exposition.run() in the background, as the daemon runs it, but refreshing only when the test
+    calls refresh(): its sleep never returns."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.rig = rig
+
+    async def __aenter__(self) -> _Refreshing:
+        async def sleep_forever(_: float) -> None:
+            await asyncio.Event().wait()
+
+        self._task = asyncio.create_task(self.rig.exposition.run(every=0.25, sleep=sleep_forever))
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def _scraped_regularly(rig: Rig, *, gzip: bool = False) -> bytes:
+    """Scrape twice, 15 s apart: the background refresh now keeps this format up to date."""
+    await rig.scrape(OPENMETRICS, gzip=gzip)
+    rig.monotonic.now += 15
+    return await rig.scrape(OPENMETRICS, gzip=gzip)
+
+
+def _sessions(body: bytes, org_set: str) -> float:
+    return parse_samples(body.decode())["devin_usage_sessions"][labels(org=org_set, window="1h")]
+
+
+async def test_while_refreshed_in_the_background_a_scrape_sends_the_last_body_instead_of_rendering() -> None:
+    rig = Rig(_config(_many(20)))
+    rig.succeed_all()
+    async with _Refreshing(rig):
+        before = await _scraped_regularly(rig)
+        rig.succeed("set-0003", "1h", {**VALUES, "sessions_count": 99})
+        rig.monotonic.now += 0.5  # less than max_lag since the body was last known up to date
+        renders = rig.exposition.renders
+        lagging = await rig.scrape(OPENMETRICS)
+        assert rig.exposition.renders == renders  # it did not wait for a render ...
+        assert _cached_part(lagging) == _cached_part(before)  # ... and sent the previous body
+        await rig.exposition.refresh()  # what the background task does every 0.25 s
+        assert _sessions(await rig.scrape(OPENMETRICS), "set-0003") == 99
+
+
+async def test_a_body_older_than_max_lag_is_not_sent_the_scrape_renders_a_fresh_one() -> None:
+    rig = Rig(_config(_many(20)))
+    rig.succeed_all()
+    async with _Refreshing(rig):
+        await _scraped_regularly(rig)
+        rig.succeed("set-0003", "1h", {**VALUES, "sessions_count": 99})
+        rig.monotonic.now += rig.exposition.max_lag + 0.001  # since it was last known up to date
+        assert _sessions(await rig.scrape(OPENMETRICS), "set-0003") == 99
+
+
+async def test_without_the_background_refresh_or_for_a_one_off_format_scrapes_are_up_to_date() -> None:
+    rig = Rig(_config(_many(20)))
+    rig.succeed_all()
+    await _scraped_regularly(rig)  # no background refresh running: nothing would catch up
+    rig.succeed("set-0003", "1h", {**VALUES, "sessions_count": 99})
+    assert _sessions(await rig.scrape(OPENMETRICS), "set-0003") == 99
+    async with _Refreshing(rig):
+        await rig.scrape()  # text, scraped once: not kept up to date, so never sent late
+        rig.succeed("set-0003", "1h", {**VALUES, "sessions_count": 100})
+        assert parse_samples((await rig.scrape()).decode())["devin_usage_sessions"][
+            labels(org="set-0003", window="1h")] == 100
+
+
+async def test_a_late_body_is_never_sent_across_a_reload_or_past_a_staleness_horizon() -> None:
+    rig = Rig(_config(_many(3), stale_after=2))
+    rig.succeed_all()
+    async with _Refreshing(rig):
+        await _scraped_regularly(rig)
+        rig.reload(_config(_many(4), stale_after=2))
+        assert "set-0003" in (await rig.scrape(OPENMETRICS)).decode()  # the new org set, at once
+        await _scraped_regularly(rig)
+        rig.clock.now += 2 * 3600 + 1  # 1h window, 2 intervals without a success: its series go
+        body = (await rig.scrape(OPENMETRICS)).decode()
+        assert labels(org="set-0000", window="1h") not in parse_samples(body).get("devin_usage_sessions", {})
+
+
+async def test_a_body_sent_while_the_next_is_being_rendered_is_intact(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The segments change in place while a render runs; a body already made must not change with
+    # them: its gzip CRC and every line must stay those of the moment it was rendered.
+    monkeypatch.setattr(exposition_module, "RENDERS_PER_YIELD", 1)  # yield after every chunk
+    rig = Rig(_config(_many(60)))
+    rig.succeed_all()
+    async with _Refreshing(rig):
+        plain = await _scraped_regularly(rig)
+        packed = await _scraped_regularly(rig, gzip=True)
+        for org_set in rig.config.org_sets:
+            rig.succeed(org_set.name, "1h", {**VALUES, "sessions_count": 7})
+        render = asyncio.create_task(rig.exposition.refresh())
+        during: list[tuple[bytes, bytes]] = []
+        while not render.done():
+            during.append((await rig.scrape(OPENMETRICS), await rig.scrape(OPENMETRICS, gzip=True)))
+            await asyncio.sleep(0)  # let the render go on
+        await render
+    assert len(during) > 10  # scrapes kept being answered while the render ran
+    for text, compressed in during:
+        assert _cached_part(text) == _cached_part(plain)
+        assert _cached_part(gzip.decompress(compressed)) == _cached_part(plain)  # checks CRC and size
+    assert _cached_part(gzip.decompress(packed)) == _cached_part(plain)
+    assert _sessions(await rig.scrape(OPENMETRICS), "set-0059") == 7
+
+
 async def test_background_refresh_loop_keeps_going_after_a_failure(caplog: pytest.LogCaptureFixture) -> None:
     rig = Rig(_config(_many(2)))
     calls = 0
