@@ -170,11 +170,29 @@ async def serve(exporter: Exporter, reload: Callable[[], Config], *, announce: s
 
 
 def _reloader(exporter: Exporter, reload: Callable[[], Config]) -> Callable[[], None]:
+    """The SIGHUP handler: reload in the background, one reload at a time; a SIGHUP during one
+    runs one more after it (the file may have changed again since it was read)."""
+    running: asyncio.Task[None] | None = None
+    again = False
+
+    async def reload_until_settled() -> None:
+        nonlocal again
+        while True:
+            server = exporter.config.server
+            if await exporter.reload_off_loop(reload) and exporter.config.server != server:
+                log.warning("server settings changed; they take effect after a restart")
+            if not again:
+                return
+            again = False
+
     def on_sighup() -> None:
+        nonlocal running, again
         log.info("SIGHUP received, reloading the config")
-        running = exporter.config.server
-        if exporter.reload(reload) and exporter.config.server != running:
-            log.warning("server settings changed; they take effect after a restart")
+        if running is not None and not running.done():
+            again = True
+            return
+        again = False
+        running = asyncio.create_task(reload_until_settled(), name="config reload")
     return on_sighup
 
 

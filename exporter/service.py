@@ -98,21 +98,19 @@ class Exporter:
 
     def reload(self, load: Callable[[], Config]) -> bool:
         """Apply the config `load` returns; on any error keep the running one and say why."""
-        try:
-            config = load()
-        except ConfigError as exc:
+        return self._apply(_try_load(load))
+
+    async def reload_off_loop(self, load: Callable[[], Config]) -> bool:
+        """reload(), with `load` (reading and parsing the YAML: ~0.4 s at 1,000 org sets) run in a
+        worker thread, so polls and scrapes go on meanwhile; the result is applied on the loop."""
+        return self._apply(await asyncio.to_thread(_try_load, load))
+
+    def _apply(self, loaded: Config | str) -> bool:
+        if isinstance(loaded, str):
             self.reload_status.successful = False
-            log.error("config reload failed; keeping the running config: %s", exc)
+            log.error("%s", loaded)
             return False
-        except Exception as exc:
-            # A loader bug (e.g. a ValueError or RecursionError that escaped validation) must not
-            # escape the SIGHUP callback: it would leave the old config running while
-            # devin_exporter_config_last_reload_successful still said 1, with only asyncio's
-            # traceback in the log.
-            self.reload_status.successful = False
-            log.error("config reload failed with an internal error; keeping the running config: %s: %s",
-                      type(exc).__name__, exc)
-            return False
+        config = loaded
         if self._poller is not None:
             self._poller.apply_config(config)
         else:  # a SIGHUP during start-up, before the poller exists: start with the new config
@@ -124,3 +122,18 @@ class Exporter:
         log.info("config reloaded", extra={"org_sets": len(config.org_sets),
                                            "schedules": len(self.snapshot.schedules())})
         return True
+
+
+def _try_load(load: Callable[[], Config]) -> Config | str:
+    """The config `load` returns, or the one log line that says why there is none."""
+    try:
+        return load()
+    except ConfigError as exc:
+        return f"config reload failed; keeping the running config: {exc}"
+    except Exception as exc:
+        # A loader bug (e.g. a ValueError or RecursionError that escaped validation) must not
+        # escape the SIGHUP callback: it would leave the old config running while
+        # devin_exporter_config_last_reload_successful still said 1, with only asyncio's
+        # traceback in the log.
+        return (f"config reload failed with an internal error; keeping the running config: "
+                f"{type(exc).__name__}: {exc}")

@@ -11,6 +11,7 @@ import asyncio
 import gzip
 import platform
 import shutil
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from prometheus_client import generate_latest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
 from exporter import USER_AGENT, __version__
+from exporter.cli import _reloader
 from exporter.client import format_rfc3339
 from exporter.config import Config, ConfigError, OrgSet, Window, parse_config
 from exporter.poller import Poller, ScheduleKey
@@ -550,6 +552,38 @@ async def test_reload_whose_loader_crashes_is_reported_as_failed_and_keeps_the_r
     assert samples["devin_exporter_config_last_reload_successful"] == {labels(): 0.0}
     assert usage_series(samples) == expected_series(running, T0)
     assert any(r.levelname == "ERROR" and "Invalid IPv6 URL" in r.getMessage() for r in caplog.records)
+
+
+async def test_sighup_reads_the_config_off_the_event_loop_and_a_second_sighup_reloads_once_more(
+    make_rig: RigFactory,
+) -> None:
+    # Parsing 1,000 org sets of YAML takes ~0.4 s: the SIGHUP handler must not stall polls and
+    # scrapes meanwhile, and a SIGHUP during a reload must not be lost (the file may have changed
+    # again after it was read) nor start a second reload alongside.
+    rig = await make_rig(TWO_SETS)
+    base_url = rig.config.api.base_url
+    configs = [make_config(base_url, TWO_SETS + "\n- name: third\n  org_ids: [org-3]\n"),
+               make_config(base_url, TWO_SETS + "\n- name: fourth\n  org_ids: [org-4]\n")]
+    loads: list[Config] = []
+    release = threading.Event()
+
+    def slow_load() -> Config:
+        assert release.wait(10), "the test never released the load"
+        loads.append(configs[len(loads)])
+        return loads[-1]
+
+    on_sighup = _reloader(rig.exporter, slow_load)
+    on_sighup()
+    on_sighup()  # during the first reload: one more after it
+    on_sighup()  # ... not two more
+    for _ in range(3):  # while the load blocks its thread, the loop serves scrapes
+        assert (await rig.client.get("/metrics")).status == 200
+    assert [s.name for s in rig.exporter.config.org_sets] == ["enterprise", "platform"]
+    release.set()
+    await wait_until(lambda: not [t for t in asyncio.all_tasks() if t.get_name() == "config reload"],
+                     what="the reloads to finish")
+    assert loads == configs  # exactly two reloads, in order
+    assert [s.name for s in rig.exporter.config.org_sets][-1] == "fourth"
 
 
 # --------------------------------------------------------------------------------------------
