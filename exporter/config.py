@@ -227,6 +227,14 @@ class _Node:
             out[key] = self.child(key, value)
         return out
 
+    def entries(self, what: str) -> list[tuple[object, _Node]]:
+        """A mapping with keys of the user's choosing (labels, users): (key, its node) pairs; none if unset."""
+        if self.value is None:
+            return []
+        if not isinstance(self.value, dict):
+            self.fail(f"must be a mapping of {what}, got {_describe(self.value)}")
+        return [(key, self.child(str(key), value)) for key, value in self.value.items()]
+
     def sequence(self) -> list[_Node]:
         if not isinstance(self.value, list):
             self.fail(f"must be a list, got {_describe(self.value)}")
@@ -477,13 +485,9 @@ def _windows(node: _Node, default_interval: float) -> tuple[Window, ...]:
 
 
 def _labels(node: _Node) -> tuple[tuple[str, str], ...]:
-    if node.value is None:
-        return ()
-    if not isinstance(node.value, dict):
-        node.fail(f"must be a mapping of label name to value, got {_describe(node.value)}")
     labels: list[tuple[str, str]] = []
-    for name, value in node.value.items():
-        child = node.child(str(name), value)
+    for name, child in node.entries("label name to value"):
+        value = child.value
         if not isinstance(name, str) or not IDENTIFIER_RE.fullmatch(name) or name.startswith("__"):
             child.fail(f"{name!r} is not a valid Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*, no leading __)")
         if name in RESERVED_LABELS:

@@ -216,13 +216,8 @@ def _http(node: _Node) -> None:
 
 
 def _users(node: _Node) -> tuple[tuple[str, str], ...]:
-    if node.value is None:
-        return ()
-    if not isinstance(node.value, dict):
-        node.fail("must be a mapping of user name to bcrypt hash")
     users: list[tuple[str, str]] = []
-    for name, value in node.value.items():
-        child = node.child(str(name), value)
+    for name, child in node.entries("user name to bcrypt hash"):
         if not isinstance(name, str) or not name or ":" in name:
             child.fail(f"{name!r} is not a user name (a non-empty string without ':')")
         hashed = child.string()
