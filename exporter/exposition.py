@@ -6,9 +6,10 @@ kept as bytes, per content type:
 
 - a *chunk* per org set (and one per org set's API counters): that org set's samples of each
   family, rendered by prometheus_client's own encoder, so the bytes are exactly its format. A
-  chunk is reused while its inputs are the same objects (the snapshot's results of that org set
-  and the config; the org set's API stats version) and, for usage series, until the earliest time
-  one of them goes stale (the collector's injected clock decides, as it would uncached).
+  chunk is reused while what it was rendered from is the same (the config and the snapshot's
+  results of that org set, compared by identity; the org set's API stats version) and, for usage
+  series, until the earliest time one of them goes stale (the collector's injected clock decides,
+  as it would uncached).
 - a *segment* (usage, health, API families): its chunks merged by family, kept as blocks of the
   lines of ~16 org sets per family, so one org set's change rebuilds a few KiB.
 - a *body*: the segments' blocks at one moment, frozen, with what scrapes need made once: the
@@ -144,16 +145,18 @@ def _split(output: bytes, families: Sequence[Metric]) -> dict[str, tuple[bytes, 
 class _Chunk:
     """One org set's rendered samples of each of its families."""
 
-    __slots__ = ("families", "inputs", "names", "valid_from", "valid_until")
+    __slots__ = ("families", "names", "stats", "valid_from", "valid_until")
 
-    def __init__(self, inputs: tuple[object, object], families: dict[str, tuple[bytes, bytes]],
-                 valid_from: float = -math.inf, valid_until: float = math.inf) -> None:
-        self.inputs = inputs  # what it was rendered from, compared by identity (or version number)
+    def __init__(self, families: dict[str, tuple[bytes, bytes]], valid_from: float = -math.inf,
+                 valid_until: float = math.inf, stats: tuple[object, int] | None = None) -> None:
         # family name -> (header lines, sample lines); emptied once a segment holds the bytes
         self.families = families
         self.names = tuple(families)  # interned by the segment, so equal tuples are one object
         self.valid_from = valid_from  # usage chunks: valid from their render time ...
         self.valid_until = valid_until  # ... until their first series goes stale
+        # API chunks: the org set's stats object and its version when rendered. (Usage and health
+        # chunks are matched to the snapshot's results by the body, see Exposition._rebuild.)
+        self.stats = stats
 
 
 class _Column:
@@ -631,12 +634,12 @@ class Exposition:
         def render_usage(index: int) -> _Chunk:
             org_set = org_sets[index]
             families, horizon = collector.usage_families(snap, (org_set,), now)
-            return _Chunk((config, snap.results.get(org_set.name)), fmt.render(families), now, horizon)
+            return _Chunk(fmt.render(families), now, horizon)
 
         def render_health(index: int) -> _Chunk:
             org_set = org_sets[index]
             families = collector.health_families(snap, (org_set,))
-            return _Chunk((config, snap.results.get(org_set.name)), fmt.render(families))
+            return _Chunk(fmt.render(families))
 
         if previous is None or previous.snapshot.config is not config or now < previous.valid_from:
             usage: list[_Chunk] = []
@@ -671,17 +674,17 @@ class Exposition:
             api = []
             for name, stats in items:
                 families = collector.api_families([(name, stats)])
-                api.append(_Chunk((stats, stats.version), fmt.render(families)))
+                api.append(_Chunk(fmt.render(families), stats=(stats, stats.version)))
                 await self._rendered(1)
             fmt.api.reset([name for name, _ in items], api)
         else:
             old_api = fmt.api.chunks
             for index, (name, stats) in enumerate(items):
-                inputs = old_api[index].inputs
-                if inputs[0] is not stats or inputs[1] != stats.version:
+                rendered = old_api[index].stats
+                if rendered is None or rendered[0] is not stats or rendered[1] != stats.version:
                     # The version is read before rendering: a change during a yield re-renders.
                     families = collector.api_families([(name, stats)])
-                    chunk = _Chunk((stats, stats.version), fmt.render(families))
+                    chunk = _Chunk(fmt.render(families), stats=(stats, stats.version))
                     fmt.api.replace(index, chunk)
                     await self._rendered(1)
         parts = tuple(part for segment in (fmt.usage, fmt.health, fmt.api) for part in segment.parts())
