@@ -396,7 +396,7 @@ async def test_reload_adding_an_org_set_polls_it_and_leaves_running_schedules_un
 ) -> None:
     rig = await make_rig(TWO_SETS)
     base_url = rig.config.api.base_url
-    tasks_before = dict(rig.poller._tasks)
+    schedules_before = dict(rig.poller._schedules)
     requests_before = {
         "enterprise": _count_for(rig, None),
         "platform": _count_for(rig, ["org-123", "org-456"]),
@@ -424,16 +424,16 @@ async def test_reload_adding_an_org_set_polls_it_and_leaves_running_schedules_un
         **expected_series(rig.config, rig.clock.now, only="newcomer"),
     }
     assert samples["devin_up"][labels(org="newcomer")] == 1.0
-    # The existing schedules are the very same tasks, and asked nothing new.
-    for key, task in tasks_before.items():
-        assert rig.poller._tasks[key] is task
-        assert not task.done()
+    # The existing schedules are the very same ones, still timed, and asked nothing new.
+    for key, schedule in schedules_before.items():
+        assert rig.poller._schedules[key] is schedule
+        assert not schedule.removed
     assert {
         "enterprise": _count_for(rig, None),
         "platform": _count_for(rig, ["org-123", "org-456"]),
     } == requests_before
     assert _count_for(rig, ["org-d4e5f6"]) == 1
-    assert len(rig.poller._tasks) == 5
+    assert len(rig.poller._schedules) == 5
 
 
 async def test_reload_removing_an_org_set_removes_every_series_it_had(make_rig: RigFactory) -> None:
@@ -451,7 +451,7 @@ async def test_reload_removing_an_org_set_removes_every_series_it_had(make_rig: 
         "devin_exporter_api_request_duration_seconds_count",
         "devin_exporter_api_request_duration_seconds_bucket",
     }
-    platform_tasks = [t for k, t in rig.poller._tasks.items() if k.org_set == "platform"]
+    platform = [s for k, s in rig.poller._schedules.items() if k.org_set == "platform"]
 
     new = make_config(rig.config.api.base_url, "- name: enterprise")
     assert rig.exporter.reload(lambda: new) is True
@@ -460,8 +460,9 @@ async def test_reload_removing_an_org_set_removes_every_series_it_had(make_rig: 
     assert "platform" not in (await (await rig.client.get("/")).text())
     # The survivor is untouched, and the removed set's schedules are gone for good.
     assert series_of(after, "enterprise") == series_of(before, "enterprise")
-    await wait_until(lambda: all(t.done() for t in platform_tasks), what="removed schedules to stop")
-    assert {k.org_set for k in rig.poller._tasks} == {"enterprise"}
+    assert all(s.removed and s.poll is None for s in platform)
+    assert {k.org_set for k in rig.poller._schedules} == {"enterprise"}
+    assert {s.key.org_set for _, _, s in rig.poller._timers.heap if not s.removed} == {"enterprise"}
     assert (await rig.client.get("/readyz")).status == 200
     assert (await rig.client.get("/healthz")).status == 200
 
@@ -470,7 +471,7 @@ async def test_reload_changing_an_org_sets_filter_republishes_it_with_the_new_fi
     make_rig: RigFactory,
 ) -> None:
     rig = await make_rig(TWO_SETS)
-    old_tasks = {k: t for k, t in rig.poller._tasks.items() if k.org_set == "platform"}
+    old = {k: s for k, s in rig.poller._schedules.items() if k.org_set == "platform"}
     rig.clock.advance(120)
     changed = TWO_SETS.replace("[org-123, org-456]", "[org-789]")
     new = make_config(rig.config.api.base_url, changed)
@@ -487,8 +488,8 @@ async def test_reload_changing_an_org_sets_filter_republishes_it_with_the_new_fi
     assert expected_series(rig.config, rig.clock.now, only="platform") != expected_series(
         make_config(rig.config.api.base_url, TWO_SETS), rig.clock.now, only="platform"
     )
-    assert all(t.done() for t in old_tasks.values())
-    assert not set(old_tasks) & set(rig.poller._tasks)
+    assert all(s.removed for s in old.values())
+    assert not set(old) & set(rig.poller._schedules)
 
 
 async def test_invalid_reload_keeps_the_running_config_and_reports_it_until_a_good_reload(
@@ -866,10 +867,11 @@ async def test_readyz_stays_ready_while_an_org_set_added_by_reload_waits_for_its
 async def test_changing_the_time_zone_repolls_only_calendar_windows(make_rig: RigFactory) -> None:
     sets = "- name: oncall\n  windows: [24h, today]\n"
     rig = await make_rig(sets)
-    tasks_before = dict(rig.poller._tasks)
+    schedules_before = dict(rig.poller._schedules)
     new = make_config(rig.config.api.base_url, sets, zone="America/Los_Angeles")
     assert rig.exporter.reload(lambda: new) is True
-    kept = {key.window.name for key, task in tasks_before.items() if rig.poller._tasks.get(key) is task}
+    kept = {key.window.name for key, schedule in schedules_before.items()
+            if rig.poller._schedules.get(key) is schedule}
     assert kept == {"24h"}
 
 

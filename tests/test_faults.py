@@ -421,6 +421,10 @@ async def test_metrics_answers_within_100ms_while_every_poll_hangs(make_rig: Rig
 # Retry-After
 
 
+# Sleepers on the injected clock while nothing is due: the poll scheduler, until the next due time.
+IDLE_SLEEPERS = 1
+
+
 async def _until_parked(rig: Rig, count: int) -> None:
     await wait_until(lambda: rig.clock.parked() >= count, what=f"{count} sleepers waiting on the clock")
 
@@ -431,8 +435,8 @@ async def test_no_request_is_sent_while_a_retry_after_pause_is_in_force(
 ) -> None:
     sets = "- name: a\n  org_ids: [org-1]\n- name: b\n  org_ids: [org-2]\n- name: c\n  org_ids: [org-3]"
     rig = await make_rig(sets, interval="1h", retries=2)
-    loops = len(rig.exporter.snapshot.schedules())
-    await _until_parked(rig, loops)  # every schedule waits for its next hour
+    loops = IDLE_SLEEPERS
+    await _until_parked(rig, loops)  # the scheduler waits for the next hour
     if form == "seconds":
         retry_after, pause = "30", 30.0
     else:  # an HTTP date 45 s ahead of the (injected) wall clock; whole seconds, so 44 < pause <= 45
@@ -476,7 +480,7 @@ async def _drive(rig: Rig, task: asyncio.Task[bool], *, idle: int, step: float, 
 
 async def test_429_storm_with_retry_after_spaces_every_attempt_and_recovers(make_rig: RigFactory) -> None:
     rig = await make_rig("- name: a\n- name: b\n  org_ids: [org-2]", interval="1h", retries=3)
-    loops = len(rig.exporter.snapshot.schedules())
+    loops = IDLE_SLEEPERS
     await _until_parked(rig, loops)
     rig.faults.update({"status": 429, "retry_after": "2"})
     sent_before = len(rig.up.requests())
@@ -520,7 +524,7 @@ async def test_simulated_per_key_rate_limit_storm_ends_with_every_schedule_publi
     # Each pause ends with every waiting poll sent at once (the client's own rate limit is set very
     # high here), and one of them gets the token: 8 schedules need up to 8 attempts.
     rig = await make_rig(sets, windows="[1h, 24h]", interval="1h", retries=8)
-    loops = len(rig.exporter.snapshot.schedules())
+    schedules, loops = len(rig.exporter.snapshot.schedules()), IDLE_SLEEPERS
     await _until_parked(rig, loops)
     rig.faults.rate_limit_per_second = 1.0  # a burst of one, then one per second: a 429 storm
     sent_before = len(rig.up.requests())
@@ -531,7 +535,7 @@ async def test_simulated_per_key_rate_limit_storm_ends_with_every_schedule_publi
         if task.done():
             break
         rig.clock.advance(0.5)
-    assert task.result() == [True] * loops
+    assert task.result() == [True] * schedules
     storm = rig.up.requests()[sent_before:]
     assert any(r.status == 429 for r in storm)
     # Requests come in bursts: those in flight together, then nothing until the Retry-After: 1 of
@@ -542,7 +546,7 @@ async def test_simulated_per_key_rate_limit_storm_ends_with_every_schedule_publi
     assert sum(1 for gap in gaps if gap >= 1) >= 7  # one burst per pause, one success per burst
     samples = await rig.samples()
     assert set(samples["devin_up"].values()) == {1.0}
-    assert len(usage(samples)) == 5 * loops
+    assert len(usage(samples)) == 5 * schedules
 
 
 # --------------------------------------------------------------------------------------------
