@@ -6,7 +6,8 @@ connections, one request at a time, after a warm-up. In the same run and the sam
 bare handler serves the bytes /metrics just returned (same headers), so the ratio is the
 exporter's own cost per scrape. Then the exporter re-polls every schedule back to back (a poll
 cycle that never ends) while /metrics is scraped again: scrapes must not get much slower, and
-the poll cycles must not get slower either.
+the poll cycles must not get slower either. The bare handler is scraped then too, in turn with
+/metrics: it shows what any handler on the same event loop pays while the replies come in.
 
     python benchmarks/scrape.py                         # N = 10, 100, 1000; W = 4
     python benchmarks/scrape.py --sizes 1000 --requests 1000
@@ -114,8 +115,8 @@ async def measure(sets: int, windows: int, latency: float, requests: int, warmup
 
         polling = asyncio.create_task(poll_forever())
         for variant in ("text", "openmetrics+gzip"):
-            (results[f"{variant}/polling"],) = await loadgen([f"{base}/metrics"], VARIANTS[variant], requests,
-                                                             warmup, concurrency)
+            results[f"{variant}/polling"], results[f"{variant}/bare polling"] = await loadgen(
+                [f"{base}/metrics", f"{base}/bare/{variant}"], VARIANTS[variant], requests, warmup, concurrency)
         stop.set()
         await polling
         results["cycles_while_scraped"] = cycles
@@ -154,19 +155,21 @@ def main() -> int:
         assert isinstance(cycles, list)
         first = float(r["first_cycle"])  # type: ignore[arg-type]
         for variant in ("text", "openmetrics+gzip"):
-            idle, busy = r[f"{variant}/metrics"], r[f"{variant}/polling"]
-            assert isinstance(idle, dict) and isinstance(busy, dict)
+            idle, busy, bare_busy = r[f"{variant}/metrics"], r[f"{variant}/polling"], r[f"{variant}/bare polling"]
+            assert isinstance(idle, dict) and isinstance(busy, dict) and isinstance(bare_busy, dict)
             polling_rows.append([sets, variant, f"{idle['p50']:.2f}", f"{idle['p99']:.2f}",
                                  f"{busy['p50']:.2f}",
                                  f"{busy['p99']:.2f}", f"{busy['p50'] / idle['p50']:.2f}",
-                                 f"{busy['p99'] / idle['p99']:.2f}", f"{first:.2f}",
+                                 f"{busy['p99'] / idle['p99']:.2f}", f"{bare_busy['p99']:.2f}",
+                                 f"{busy['p99'] / bare_busy['p99']:.2f}", f"{first:.2f}",
                                  f"{max(cycles):.2f}" if cycles else "-", len(cycles)])
     print(table(["N sets", "variant", "body KiB", "/metrics p50 ms", "p99 ms", "req/s",
                  "bare p50 ms", "p99 ms",
                  "req/s", "p50 ratio", "p99 ratio"], rows))
     print()
     print(table(["N sets", "variant", "idle p50 ms", "idle p99 ms", "polling p50 ms", "polling p99 ms",
-                 "p50 ratio", "p99 ratio", "first cycle s", "slowest cycle while scraped s", "cycles"],
+                 "p50 ratio", "p99 ratio", "bare polling p99 ms", "p99 vs bare polling", "first cycle s",
+                 "slowest cycle while scraped s", "cycles"],
                 polling_rows))
     return 0
 

@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 
 # Deflate level of cached pieces: each piece is compressed once, so a higher level costs little.
 GZIP_LEVEL: Final = 6
+# How long the process_* and python_* values a scrape sends may be reused (see _Fresh).
+RUNTIME_SECONDS: Final = 1.0
 # Content types kept at once; Prometheus uses one, a person with curl or a browser another.
 MAX_FORMATS: Final = 4
 # Chunks per block on average. Smaller blocks recompress less after a change; larger ones compress
@@ -356,17 +358,27 @@ class _Format:
 
 
 class _Fresh(Collector):
-    """Families rendered on every scrape: small, and they change all the time (process CPU, memory)."""
+    """Families rendered on every scrape: small, and they change all the time (process CPU, memory).
 
-    def __init__(self, collector: ExporterCollector) -> None:
+    The process_* and python_* ones are read at most every RUNTIME_SECONDS: reading /proc was a
+    fifth of a small scrape's cost, and nobody scrapes faster than that for CPU seconds.
+    """
+
+    def __init__(self, collector: ExporterCollector, monotonic: Callable[[], float]) -> None:
         self._collector = collector
+        self._monotonic = monotonic
         # Twins of the app registry's: they only read /proc and the interpreter.
         self._runtime = CollectorRegistry(auto_describe=False)
         register_runtime_collectors(self._runtime)
+        self._read_at = -math.inf
+        self._runtime_families: list[Metric] = []
 
     def collect(self) -> Iterator[Metric]:
         yield from self._collector.exporter_families()
-        yield from self._runtime.collect()
+        now = self._monotonic()
+        if not 0 <= now - self._read_at < RUNTIME_SECONDS:
+            self._runtime_families, self._read_at = list(self._runtime.collect()), now
+        yield from self._runtime_families
 
 
 class _Tail:
@@ -445,7 +457,7 @@ class Exposition:
         self._stats = stats
         self.registry = registry  # the uncached path (name filter, --once) renders this
         self._clock = clock
-        self._fresh = _Fresh(collector)
+        self._fresh = _Fresh(collector, monotonic)
         self._formats: OrderedDict[str, _Format] = OrderedDict()
         self.renders = 0  # chunks rendered since start; tests use it to see what a scrape re-rendered
         self._renders_since_yield = 0

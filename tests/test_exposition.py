@@ -11,7 +11,7 @@ import re
 import shutil
 import struct
 import zlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from subprocess import PIPE
 
@@ -293,6 +293,26 @@ async def test_config_reload_changes_the_help_text_and_labels_of_every_org_set()
     text = (await rig.scrape()).decode()
     assert "every 30m" in text and 'team="x"' in text and "every 1h" not in text
     await _assert_same_as_registry(rig)
+
+
+async def test_process_and_python_values_are_read_at_most_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = Rig(_config(_many(3)))
+    runtime = rig.exposition._fresh._runtime
+    reads = 0
+    collect = runtime.collect
+
+    def counting_collect() -> Iterable[Metric]:
+        nonlocal reads
+        reads += 1
+        return collect()
+
+    monkeypatch.setattr(runtime, "collect", counting_collect)
+    for _ in range(3):
+        assert b"process_" in await rig.scrape()
+    assert reads == 1
+    rig.monotonic.now += exposition_module.RUNTIME_SECONDS
+    assert b"process_" in gzip.decompress(await rig.scrape(OPENMETRICS, gzip=True))  # one reading for all formats
+    assert reads == 2
 
 
 # --- background refresh -----------------------------------------------------------------------
