@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import logging
@@ -178,8 +177,10 @@ class Poller:
         finally:
             for task in (sleeper, waker):
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(sleeper, waker)
+            # wait(), not gather(): their CancelledError stays theirs. Suppressing it around a
+            # gather() also swallowed a stop() that cancelled this task meanwhile, and the
+            # scheduler slept on, so the process hung on shutdown.
+            await asyncio.wait((sleeper, waker))
 
     def _start_poll(self, schedule: Schedule) -> None:
         key = schedule.key

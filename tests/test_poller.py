@@ -154,3 +154,19 @@ async def test_a_reload_removing_a_schedule_cancels_its_poll_and_never_polls_it_
     await wait_until(lambda: len(client.waiting) == 2, what="the next polls")  # s001's cancelled future, s000
     assert [q.org_set for q, r in client.waiting if not r.cancelled()] == ["s000"]
 
+
+
+@pytest.mark.parametrize("turns", range(8))
+async def test_stop_ends_the_scheduler_whatever_it_was_doing(running: list[Poller], turns: int) -> None:
+    # A stop() that landed while the scheduler was tidying up after a wake-up used to be
+    # swallowed: the scheduler slept on and the process hung on SIGTERM. Stop at each step.
+    client, clock = HeldClient(), SteppedClock()
+    poller = _start(running, client, _config(1), clock)
+    await wait_until(lambda: len(client.waiting) == 1, what="the first poll")
+    client.release(1)
+    await wait_until(lambda: client.answered and len(_poll_tasks()) == 1, what="the scheduler to sleep")
+    poller._changed.set()  # wakes it, as a reload or a freed poll slot does
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    await asyncio.wait_for(poller.stop(), 5)
+    assert not poller.alive() and _poll_tasks() == []
