@@ -37,7 +37,7 @@ def create_app(exporter: Exporter) -> web.Application:
 async def _healthz(request: web.Request) -> web.Response:
     if request.app[EXPORTER_KEY].alive():
         return web.Response(text="ok\n")
-    return web.Response(status=503, text="poll loop is not running\n")
+    return web.Response(status=503, text="the poll scheduler is not running\n")
 
 
 async def _readyz(request: web.Request) -> web.Response:
