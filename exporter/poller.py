@@ -127,7 +127,7 @@ class Poller:
         old = {ScheduleKey.of(s, w, self.snapshot.config.poll) for s, w in self.snapshot.schedules()}
         new = {ScheduleKey.of(s, w, config.poll).query_identity() for s in config.org_sets for w in s.windows}
         # Values survive when the same question is asked of the API; a schedule whose interval
-        # changed gets a new task (new timing) but keeps its last values and devin_up.
+        # changed gets a new schedule (new timing) but keeps its last values and devin_up.
         kept = {(k.org_set, k.window.name) for k in old if k.query_identity() in new}
         self._client.update_settings(config.api)
         self.snapshot = self.snapshot.with_config(config, kept)

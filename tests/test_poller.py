@@ -90,6 +90,16 @@ def _start(running: list[Poller], client: HeldClient, config: Config, clock: Ste
     return poller
 
 
+async def _polled_once(running: list[Poller], sets: int) -> tuple[Poller, HeldClient, SteppedClock]:
+    """A poller of `sets` org sets whose first polls are done: its scheduler sleeps for an hour."""
+    client, clock = HeldClient(), SteppedClock()
+    poller = _start(running, client, _config(sets), clock)
+    await wait_until(lambda: len(client.waiting) == sets, what="the first polls")
+    client.release(sets)
+    await wait_until(lambda: len(client.answered) == sets and len(_poll_tasks()) == 1, what="the polls to end")
+    return poller, client, clock
+
+
 def _poll_tasks() -> list[str]:
     """The names of the poller's tasks: "poll scheduler", and "poll ORG_SET/WINDOW" per poll running."""
     return sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("poll "))
@@ -114,11 +124,7 @@ async def test_schedules_due_together_beyond_the_limit_wait_for_a_free_slot(runn
 async def test_idle_schedules_are_timers_not_tasks_and_each_polls_again_after_its_interval(
     running: list[Poller],
 ) -> None:
-    client, clock = HeldClient(), SteppedClock()
-    poller = _start(running, client, _config(50), clock)
-    await wait_until(lambda: len(client.waiting) == 50, what="the first polls")
-    client.release(50)
-    await wait_until(lambda: len(client.answered) == 50 and len(_poll_tasks()) == 1, what="the polls to end")
+    poller, client, clock = await _polled_once(running, 50)
     assert _poll_tasks() == ["poll scheduler"]  # one task for 50 schedules
     assert poller.alive()
     clock.advance(3599)
@@ -130,11 +136,7 @@ async def test_idle_schedules_are_timers_not_tasks_and_each_polls_again_after_it
 
 
 async def test_a_reload_adds_a_schedule_due_before_the_scheduler_would_wake(running: list[Poller]) -> None:
-    client, clock = HeldClient(), SteppedClock()
-    poller = _start(running, client, _config(2), clock)
-    await wait_until(lambda: len(client.waiting) == 2, what="the first polls")
-    client.release(2)
-    await wait_until(lambda: len(client.answered) == 2 and len(_poll_tasks()) == 1, what="the polls to end")
+    poller, client, _ = await _polled_once(running, 2)
     # The scheduler sleeps for an hour; a new org set is due now (jitter 0) and must not wait.
     poller.apply_config(_config(3))
     await wait_until(lambda: [q.org_set for q, _ in client.waiting] == ["s002"], what="the new org set's poll")
@@ -155,16 +157,11 @@ async def test_a_reload_removing_a_schedule_cancels_its_poll_and_never_polls_it_
     assert [q.org_set for q, r in client.waiting if not r.cancelled()] == ["s000"]
 
 
-
 @pytest.mark.parametrize("turns", range(8))
 async def test_stop_ends_the_scheduler_whatever_it_was_doing(running: list[Poller], turns: int) -> None:
     # A stop() that landed while the scheduler was tidying up after a wake-up used to be
     # swallowed: the scheduler slept on and the process hung on SIGTERM. Stop at each step.
-    client, clock = HeldClient(), SteppedClock()
-    poller = _start(running, client, _config(1), clock)
-    await wait_until(lambda: len(client.waiting) == 1, what="the first poll")
-    client.release(1)
-    await wait_until(lambda: client.answered and len(_poll_tasks()) == 1, what="the scheduler to sleep")
+    poller, _, _ = await _polled_once(running, 1)
     poller._changed.set()  # wakes it, as a reload or a freed poll slot does
     for _ in range(turns):
         await asyncio.sleep(0)
