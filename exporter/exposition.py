@@ -560,6 +560,7 @@ class Exposition:
         async with fmt.lock:  # one render per content type at a time; a waiter reuses its result
             if not fmt.splittable:
                 return None
+            self._slice_started = time.perf_counter()  # a slice counts from here, not from the last yield
             body = fmt.body
             if body is not None and self._fresh_enough(body):
                 body.current_at = self._monotonic()
