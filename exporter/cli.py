@@ -179,7 +179,7 @@ def _reloader(exporter: Exporter, reload: Callable[[], Config]) -> Callable[[], 
         nonlocal again
         while True:
             server = exporter.config.server
-            if await exporter.reload_off_loop(reload) and exporter.config.server != server:
+            if await exporter.reload(reload) and exporter.config.server != server:
                 log.warning("server settings changed; they take effect after a restart")
             if not again:
                 return

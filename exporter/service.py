@@ -96,13 +96,12 @@ class Exporter:
     def alive(self) -> bool:
         return self._poller is not None and self._poller.alive()
 
-    def reload(self, load: Callable[[], Config]) -> bool:
-        """Apply the config `load` returns; on any error keep the running one and say why."""
-        return self._apply(_try_load(load))
+    async def reload(self, load: Callable[[], Config]) -> bool:
+        """Apply the config `load` returns; on any error keep the running one and say why.
 
-    async def reload_off_loop(self, load: Callable[[], Config]) -> bool:
-        """reload(), with `load` (reading and parsing the YAML: ~0.4 s at 1,000 org sets) run in a
-        worker thread, so polls and scrapes go on meanwhile; the result is applied on the loop."""
+        `load` (reading and parsing the YAML: ~0.4 s at 1,000 org sets) runs in a worker thread,
+        so polls and scrapes go on meanwhile; the result is applied on the event loop.
+        """
         return self._apply(await asyncio.to_thread(_try_load, load))
 
     def _apply(self, loaded: Config | str) -> bool:

@@ -414,7 +414,7 @@ async def test_reload_adding_an_org_set_polls_it_and_leaves_running_schedules_un
   windows: [7d]
 """,
     )
-    assert rig.exporter.reload(lambda: new) is True
+    assert await rig.exporter.reload(lambda: new) is True
     await wait_until(rig.all_polled, what="the new org set's first poll")
 
     samples = await rig.samples()
@@ -454,7 +454,7 @@ async def test_reload_removing_an_org_set_removes_every_series_it_had(make_rig: 
     platform = [s for k, s in rig.poller._schedules.items() if k.org_set == "platform"]
 
     new = make_config(rig.config.api.base_url, "- name: enterprise")
-    assert rig.exporter.reload(lambda: new) is True
+    assert await rig.exporter.reload(lambda: new) is True
     after = await rig.samples()
     assert series_of(after, "platform") == {}
     assert "platform" not in (await (await rig.client.get("/")).text())
@@ -475,7 +475,7 @@ async def test_reload_changing_an_org_sets_filter_republishes_it_with_the_new_fi
     rig.clock.advance(120)
     changed = TWO_SETS.replace("[org-123, org-456]", "[org-789]")
     new = make_config(rig.config.api.base_url, changed)
-    assert rig.exporter.reload(lambda: new) is True
+    assert await rig.exporter.reload(lambda: new) is True
     await wait_until(
         lambda: _count_for(rig, ["org-789"]) == 2 and rig.all_polled(), what="re-poll of platform"
     )
@@ -513,7 +513,7 @@ async def test_invalid_reload_keeps_the_running_config_and_reports_it_until_a_go
     rig.clock.advance(30)
     with pytest.raises(ConfigError):
         broken()
-    assert rig.exporter.reload(broken) is False
+    assert await rig.exporter.reload(broken) is False
     assert rig.config is running
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "poll.intervall" in errors[0].getMessage()
@@ -526,7 +526,7 @@ async def test_invalid_reload_keeps_the_running_config_and_reports_it_until_a_go
     assert (await rig.client.get("/healthz")).status == 200
 
     rig.clock.advance(30)
-    assert rig.exporter.reload(lambda: make_config(base_url, TWO_SETS)) is True
+    assert await rig.exporter.reload(lambda: make_config(base_url, TWO_SETS)) is True
     good = await rig.samples()
     assert good["devin_exporter_config_last_reload_successful"] == {labels(): 1.0}
     assert good["devin_exporter_config_last_reload_success_timestamp_seconds"] == {
@@ -547,7 +547,7 @@ async def test_reload_whose_loader_crashes_is_reported_as_failed_and_keeps_the_r
     def crashing() -> Config:
         raise ValueError("Invalid IPv6 URL")
 
-    assert rig.exporter.reload(crashing) is False
+    assert await rig.exporter.reload(crashing) is False
     assert rig.config is running
     samples = await rig.samples()
     assert samples["devin_exporter_config_last_reload_successful"] == {labels(): 0.0}
@@ -856,7 +856,7 @@ async def test_readyz_stays_ready_while_an_org_set_added_by_reload_waits_for_its
     rig = await make_rig(TWO_SETS)
     rig.faults.hang = True  # the newcomer's first poll cannot finish
     new = make_config(rig.config.api.base_url, TWO_SETS + "\n- name: newcomer\n  windows: [7d]\n")
-    assert rig.exporter.reload(lambda: new) is True
+    assert await rig.exporter.reload(lambda: new) is True
     await wait_until(lambda: any(r.query.get("org_ids") is None and r.status is None for r in rig.requests()),
                      what="the newcomer's poll in flight")
     assert not rig.exporter.snapshot.ready()
@@ -869,7 +869,7 @@ async def test_changing_the_time_zone_repolls_only_calendar_windows(make_rig: Ri
     rig = await make_rig(sets)
     schedules_before = dict(rig.poller._schedules)
     new = make_config(rig.config.api.base_url, sets, zone="America/Los_Angeles")
-    assert rig.exporter.reload(lambda: new) is True
+    assert await rig.exporter.reload(lambda: new) is True
     kept = {key.window.name for key, schedule in schedules_before.items()
             if rig.poller._schedules.get(key) is schedule}
     assert kept == {"24h"}
@@ -881,7 +881,7 @@ async def test_reload_changing_only_the_interval_keeps_values_and_devin_up(make_
     assert set(before["devin_up"].values()) == {1.0}
     rig.faults.hang = True  # a re-poll could not succeed: what stays published is what was kept
     new = make_config(rig.config.api.base_url, TWO_SETS, interval="2h")
-    assert rig.exporter.reload(lambda: new) is True
+    assert await rig.exporter.reload(lambda: new) is True
     after = await rig.samples()
     assert after["devin_up"] == before["devin_up"]
     assert usage_series(after) == usage_series(before)
@@ -892,5 +892,5 @@ async def test_reload_before_the_poller_exists_is_not_lost() -> None:
     config = make_config("http://127.0.0.1:9", "- name: first\n")
     newer = make_config("http://127.0.0.1:9", "- name: second\n")
     exporter = Exporter(config)
-    assert exporter.reload(lambda: newer) is True
+    assert await exporter.reload(lambda: newer) is True
     assert [s.name for s in exporter.config.org_sets] == ["second"]

@@ -184,10 +184,10 @@ async def test_the_key_appears_in_no_log_error_or_endpoint_on_any_failure_path(
         # A config with the key written into the wrong fields: rejected, logged, never quoted.
         for misplaced in (f"api_key_file: {KEY}", f"base_url: {KEY}", f"timeout: {KEY}"):
             text = config_text(echo, ["ok"], key_line=misplaced)
-            assert exporter.reload(lambda t=text: parse_config(t, "secrets.yaml", env={})) is False
+            assert await exporter.reload(lambda t=text: parse_config(t, "secrets.yaml", env={})) is False
         env_text = config_text(echo, ["ok"], key_line="api_key_file: ${DEVIN_API_KEY}")
         assert (
-            exporter.reload(lambda: parse_config(env_text, "secrets.yaml", env={"DEVIN_API_KEY": KEY}))
+            await exporter.reload(lambda: parse_config(env_text, "secrets.yaml", env={"DEVIN_API_KEY": KEY}))
             is False
         )
     finally:

@@ -433,14 +433,14 @@ def test_check_config_exits_2_naming_the_web_config_key(tmp_path: Path, pki: Pki
     assert good.returncode == 0 and good.stdout.startswith(f"{config}: OK:"), good
 
 
-def test_reload_with_a_broken_web_config_keeps_serving_with_the_old_one(tmp_path: Path, pki: Pki) -> None:
+async def test_reload_with_a_broken_web_config_keeps_serving_with_the_old_one(tmp_path: Path, pki: Pki) -> None:
     for name in ("server.crt", "server.key"):
         (tmp_path / name).write_bytes((pki.dir / name).read_bytes())
     config_path = write_config(tmp_path, TLS)
     exporter = Exporter(load_config(config_path, env={}))
     running = exporter.config
     (tmp_path / "server.crt").unlink()  # say, a certificate rotation gone wrong
-    assert exporter.reload(lambda: load_config(config_path, env={})) is False
+    assert await exporter.reload(lambda: load_config(config_path, env={})) is False
     assert exporter.config is running
     assert exporter.reload_status.successful is False
 
