@@ -33,7 +33,7 @@ from _common import (
     wait_first_cycle,
 )
 
-from exporter.client import CONNECTOR_LIMIT
+from exporter.transport import CONNECTOR_LIMIT
 from exporter.service import Exporter
 
 

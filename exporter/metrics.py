@@ -16,7 +16,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from exporter import __version__
-from exporter.client import Attempt, ErrorReason
+from exporter.transport import Attempt, ErrorReason
 from exporter.config import IDENTIFIER_RE, OrgSet
 from exporter.snapshot import Snapshot
 

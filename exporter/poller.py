@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
-from exporter.client import ApiError, UsageClient, UsageQuery
+from exporter.transport import ApiError, UsageClient, UsageQuery
 from exporter.clocks import Clocks
 from exporter.config import Config, OrgSet, PollSettings, Window
 from exporter.snapshot import Snapshot, WindowResult

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from prometheus_client import CollectorRegistry
 
-from exporter.client import UsageClient, new_session
+from exporter.transport import UsageClient, new_session
 from exporter.clocks import Clocks
 from exporter.config import Config, ConfigError
 from exporter.exposition import Exposition

@@ -1,4 +1,4 @@
-"""Unit tests for exporter.client: request shape, error classes, retries, shared limits, key hygiene.
+"""Unit tests for exporter.transport: request shape, error classes, retries, shared limits, key hygiene.
 
 All time is virtual: FakeClock's sleep parks the caller and a driver advances the clock to the
 earliest wake-up once the event loop has settled, so nothing here really sleeps.
@@ -27,8 +27,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from exporter import USER_AGENT
-from exporter import client as client_module
-from exporter.client import (
+from exporter import transport as client_module
+from exporter.transport import (
     RETRY_AFTER_CAP,
     ApiError,
     Attempt,
@@ -771,7 +771,7 @@ async def test_a_failing_observer_does_not_fail_the_fetch(h: Harness) -> None:
 async def test_each_attempt_is_logged_at_debug_with_org_set_status_and_reason(
     h: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="exporter.client")
+    caplog.set_level(logging.DEBUG, logger="exporter.transport")
     h.script(reply(500), ok())
     await h.client().fetch(query("platform"))
     attempts = [r for r in caplog.records if r.getMessage() == "usage API attempt"]

@@ -38,7 +38,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 
 from exporter import USER_AGENT, __version__
 from exporter.cli import _reloader
-from exporter.client import format_rfc3339
+from exporter.transport import format_rfc3339
 from exporter.config import Config, ConfigError, OrgSet, Window, parse_config
 from exporter.poller import Poller, ScheduleKey
 from exporter.server import create_app

@@ -25,7 +25,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
 from exporter import exposition as exposition_module
-from exporter.client import Attempt, ErrorReason
+from exporter.transport import Attempt, ErrorReason
 from exporter.config import Config
 from exporter.exposition import (
     MAX_FORMATS,

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 from helpers import make_config, wait_until
 
-from exporter.client import UsageQuery
+from exporter.transport import UsageQuery
 from exporter.clocks import Clocks
 from exporter.config import ApiSettings, Config
 from exporter.poller import POLLS_PER_REQUEST_SLOT, Poller

@@ -28,7 +28,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from hardening_support import Daemon, free_port
 from helpers import ROOT, labels, parse_samples, run_cli, subprocess_env, wait_until
 
-from exporter.client import ApiError, UsageClient, UsageQuery, new_session
+from exporter.transport import ApiError, UsageClient, UsageQuery, new_session
 from exporter.config import ConfigError, parse_config
 from exporter.logs import setup_logging
 from exporter.secret import ApiKey
