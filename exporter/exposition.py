@@ -55,7 +55,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from exporter.metrics import ApiStats, ExporterCollector, register_runtime_collectors
+from exporter.collector import ApiStats, ExporterCollector, register_runtime_collectors
 from exporter.snapshot import Snapshot
 
 Encoder = Callable[[Collector], bytes]

@@ -15,7 +15,7 @@ from exporter.transport import UsageClient, new_session
 from exporter.clocks import Clocks
 from exporter.config import Config, ConfigError
 from exporter.exposition import Exposition
-from exporter.metrics import ApiStats, ExporterCollector, ReloadStatus, build_registry
+from exporter.collector import ApiStats, ExporterCollector, ReloadStatus, build_registry
 from exporter.poller import Poller
 from exporter.snapshot import Snapshot
 

@@ -34,7 +34,7 @@ from exporter.exposition import (
     _Tail,
     metrics_handler,
 )
-from exporter.metrics import ApiStats, ExporterCollector, ReloadStatus, build_registry
+from exporter.collector import ApiStats, ExporterCollector, ReloadStatus, build_registry
 from exporter.shard import Shard, owner
 from exporter.snapshot import Snapshot
 
