@@ -14,6 +14,7 @@ from exporter import __version__
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config.example.yaml"
 KEY = "apk_user_LEAKCHECK_0123456789"
+COG = "cog_LEAKCHECK_0123456789"  # a service user's token: API v3
 MINIMAL = "org_sets:\n  - name: enterprise\n"
 
 
@@ -48,6 +49,7 @@ def assert_config_error(result: subprocess.CompletedProcess[str], *fragments: st
         assert fragment in line, line
     assert "Traceback" not in result.stderr
     assert KEY not in result.stderr and KEY not in result.stdout
+    assert COG not in result.stderr and COG not in result.stdout
     return line
 
 
@@ -67,6 +69,24 @@ def test_check_config_on_the_example_prints_a_one_line_summary() -> None:
     assert lines[0].startswith(f"{EXAMPLE}: OK: 3 org set(s), 11 schedule(s)")
     assert "https://api.devin.ai" in lines[0] and "0.0.0.0:9877" in lines[0]
     assert KEY not in result.stdout
+
+
+def test_check_config_on_the_example_with_a_service_user_token_says_v3() -> None:
+    result = run("--check-config", "--config", str(EXAMPLE), env=base_env(DEVIN_API_KEY=COG))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    (line,) = result.stdout.splitlines()
+    assert line.startswith(f"{EXAMPLE}: OK: 3 org set(s), 11 schedule(s)")
+    assert ", API v3 https://api.devin.ai, listen 0.0.0.0:9877" in line
+    assert COG not in result.stdout
+
+
+def test_check_config_says_that_discovery_is_on(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("discovery:\n  organizations: true\n")
+    result = run("--check-config", "--config", "c.yaml", cwd=tmp_path, env=base_env(DEVIN_API_KEY=COG))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ("c.yaml: OK: 0 org set(s), 0 schedule(s) (org set x window), API v3 https://api.devin.ai, "
+                             "listen 0.0.0.0:9877; discovery of organizations on\n")
 
 
 def test_check_config_applies_listen_override(tmp_path: Path) -> None:
@@ -120,6 +140,30 @@ BROKEN = [
     ("control-character", "org_sets:\n  - name: a\x07\n", ": invalid YAML", "special characters"),
     ("top-level-list", "- name: a\n", ".yaml: must be a mapping", "list"),
     ("empty-file", "# nothing here\n", ".yaml: the file is empty", "config.example.yaml"),
+    ("key-of-unknown-shape", "api:\n  api_key: sk-LEAK0123456789\n" + MINIMAL, "api.api_key: ",
+     "service user token (cog_..."),
+    ("v3-with-apk-key", "api:\n  version: v3\n" + MINIMAL, "api.version: ", "personal API key"),
+    ("v2-with-cog-token", f"api:\n  version: v2\n  api_key: {COG}\n" + MINIMAL, "api.version: ",
+     "service user token"),
+    ("bad-api-version", "api:\n  version: v4\n" + MINIMAL, "api.version: ", "auto, v3 or v2"),
+    ("collector-typo", "collectors:\n  consumptoin: {}\n" + MINIMAL, "collectors.consumptoin: ",
+     "did you mean 'consumption'"),
+    ("queue-on-v2", "collectors:\n  queue:\n    enabled: true\n" + MINIMAL, "collectors.queue.enabled: ",
+     "needs API v3"),
+    ("active-users-on-v2", "collectors:\n  active_users: {enabled: true}\n" + MINIMAL,
+     "collectors.active_users.enabled: ", "needs API v3"),
+    ("window-on-organizations", "collectors:\n  organizations: {windows: [1h]}\n" + MINIMAL,
+     "collectors.organizations.windows: ", "unknown key"),
+    ("short-collector-interval", "collectors:\n  queue: {interval: 100ms}\n" + MINIMAL, "collectors.queue.interval: ",
+     "at least 1s"),
+    ("discovery-without-organizations", "collectors:\n  organizations: {enabled: false}\n"
+     "discovery:\n  organizations: true\n", "discovery.organizations: ", "organizations collector"),
+    ("discovery-org-id-label", "discovery:\n  organizations: true\n  labels: {org_id: x}\n",
+     "discovery.labels.org_id: ", "exporter"),
+    ("reserved-label-product", "org_sets:\n  - name: a\n    labels: {product: x}\n", "org_sets[0].labels.product: ",
+     "exporter"),
+    ("lifecycle-not-bool", "server:\n  enable_lifecycle: 'yes'\n" + MINIMAL, "server.enable_lifecycle: ",
+     "true or false"),
 ]
 
 

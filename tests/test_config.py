@@ -1,4 +1,4 @@
-"""Every validation rule of the config file (SPEC §3): what is accepted, and how rejections read."""
+"""Every validation rule of the config file (SPEC §3, §9-§11, §13): what is accepted, how rejections read."""
 
 from __future__ import annotations
 
@@ -12,10 +12,26 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from exporter import config as config_module
-from exporter.config import Config, ConfigError, Window, load_config, parse_config
+from exporter.config import (
+    COLLECTOR_NAMES,
+    RESERVED_LABELS,
+    V3_ONLY_COLLECTORS,
+    WINDOWED_COLLECTORS,
+    CollectorSettings,
+    Config,
+    ConfigError,
+    DiscoverySettings,
+    OrgSet,
+    Window,
+    load_config,
+    parse_config,
+)
+from exporter.shard import Shard
 
 KEY = "apk_user_LEAKCHECK_0123456789"
 ENV = {"DEVIN_API_KEY": KEY}
+COG = "cog_LEAKCHECK_0123456789"  # a service user's token: API v3
+V3 = {"DEVIN_API_KEY": COG}
 MINIMAL = "org_sets:\n  - name: enterprise\n"
 EXAMPLE = Path(__file__).resolve().parents[1] / "config.example.yaml"
 LA = ZoneInfo("America/Los_Angeles")
@@ -37,6 +53,7 @@ def reject(text: str, base_dir: Path, path: str, *fragments: str, env: dict[str,
         assert fragment in message, message
     assert "\n" not in message and "\r" not in message, message
     assert KEY not in message and KEY not in repr(info.value)
+    assert COG not in message and COG not in repr(info.value)
     return message
 
 
@@ -813,6 +830,448 @@ def test_web_config_file_resolved_from_the_config_folder(tmp_path: Path) -> None
 def test_missing_web_config_file_rejected(tmp_path: Path) -> None:
     reject("server: {web_config_file: web.yml}\n" + MINIMAL, tmp_path, "server.web_config_file",
            "web.yml", "does not exist")
+
+
+# --- the API version (SPEC §9) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "version"), [(COG, "v3"), ("apk_user_abc", "v2"), ("apk_legacy01", "v2")])
+def test_auto_version_follows_the_key_prefix(key: str, version: str, tmp_path: Path) -> None:
+    for text, env in ((MINIMAL, {"DEVIN_API_KEY": key}), (f"api: {{api_key: {key}}}\n" + MINIMAL, {})):
+        api = parse(text, tmp_path, env).api
+        assert (api.version, api.version_setting) == (version, "auto")
+    (tmp_path / "key").write_text(key + "\n")
+    api = parse("api: {api_key_file: key}\n" + MINIMAL, tmp_path, {}).api
+    assert (api.version, api.version_setting) == (version, "auto")
+
+
+def test_default_version_setting_is_auto(tmp_path: Path) -> None:
+    assert parse("api: {version: auto}\n" + MINIMAL, tmp_path) == parse(MINIMAL, tmp_path)
+
+
+@pytest.mark.parametrize("key", ["sk-LEAK0123456789", "APK_USER_LEAK0123", "Bearer cog_LEAK0123", "LEAKapk_user_0"])
+def test_auto_version_rejects_a_key_of_another_shape(key: str, tmp_path: Path) -> None:
+    expected = ("service user token (cog_...", "personal API key (apk_user_... or apk_...", "api.version")
+    message = reject(MINIMAL, tmp_path, "api.api_key", *expected, "$DEVIN_API_KEY", env={"DEVIN_API_KEY": key})
+    assert "LEAK" not in message
+    message = reject(f"api: {{api_key: '{key}'}}\n" + MINIMAL, tmp_path, "api.api_key", *expected, env={})
+    assert "LEAK" not in message
+    (tmp_path / "key").write_text(key)
+    message = reject("api: {api_key_file: key}\n" + MINIMAL, tmp_path, "api.api_key_file", *expected,
+                     "the key in api.api_key_file", env={})
+    assert "LEAK" not in message
+
+
+@pytest.mark.parametrize(("version", "key", "kind"), [
+    ("v3", "apk_user_LEAK0123", "a personal API key"), ("v3", "apk_LEAK01234", "a personal API key"),
+    ("v2", "cog_LEAK0123456", "a service user token")])
+def test_explicit_version_must_fit_the_key(version: str, key: str, kind: str, tmp_path: Path) -> None:
+    text = f"api: {{version: {version}}}\n" + MINIMAL
+    message = reject(text, tmp_path, "api.version", f"is {version}, but the API key in $DEVIN_API_KEY is {kind}",
+                     env={"DEVIN_API_KEY": key})
+    assert "LEAK" not in message
+    (tmp_path / "key").write_text(key)
+    message = reject(f"api: {{version: {version}, api_key_file: key}}\n" + MINIMAL, tmp_path, "api.version",
+                     f"is {version}, but the key in api.api_key_file is {kind}", env={})
+    assert "LEAK" not in message
+
+
+@pytest.mark.parametrize(("version", "key"), [("v3", COG), ("v2", KEY), ("v2", "apk_legacy01")])
+def test_explicit_version_that_fits_the_key(version: str, key: str, tmp_path: Path) -> None:
+    api = parse(f"api: {{version: {version}}}\n" + MINIMAL, tmp_path, {"DEVIN_API_KEY": key}).api
+    assert (api.version, api.version_setting) == (version, version)
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_explicit_version_takes_a_key_of_another_shape(version: str, tmp_path: Path) -> None:
+    # An escape hatch (a dedicated deployment's own token format): the API is the judge then.
+    api = parse(f"api: {{version: {version}}}\n" + MINIMAL, tmp_path, {"DEVIN_API_KEY": "sk-custom-token"}).api
+    assert api.version == version
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("v1", "'v1' is not an API version: use auto, v3 or v2"), ("V3", "is not an API version"),
+    ("'auto '", "is not an API version"), ("3", "must be a string"), ("null", "must be a string"),
+    ("''", "must not be empty")])
+def test_bad_api_version_rejected(value: str, problem: str, tmp_path: Path) -> None:
+    reject(f"api: {{version: {value}}}\n" + MINIMAL, tmp_path, "api.version", problem)
+
+
+def test_key_shape_is_checked_after_the_rest_of_the_file(tmp_path: Path) -> None:
+    # A key of an unknown shape is reported only once nothing else is wrong: the other mistake may be
+    # the one to fix first, and it is named with its own key path.
+    reject("api: {api_key: not-a-key}\n" + MINIMAL + "server: {listen: nowhere}\n", tmp_path, "server.listen")
+
+
+@pytest.mark.parametrize("field", ["base_url", "api_key_file"])
+def test_cog_token_in_the_wrong_field_is_masked(field: str, tmp_path: Path) -> None:
+    # Not from the environment (that is masked as <${DEVIN_API_KEY}>): written into the file itself.
+    message = reject(f"api: {{{field}: {COG}}}\n" + MINIMAL, tmp_path, f"api.{field}", env=ENV)
+    assert "cog_***" in message
+
+
+# --- collectors (SPEC §10) ----------------------------------------------------------------------
+
+
+def test_collector_constants() -> None:
+    assert COLLECTOR_NAMES == ("usage", "active_users", "consumption", "organizations", "queue")
+    assert sorted(V3_ONLY_COLLECTORS) == ["active_users", "queue"]
+    assert sorted(WINDOWED_COLLECTORS) == ["active_users", "consumption", "usage"]
+
+
+def test_collectors_default_on_v3(tmp_path: Path) -> None:
+    config = parse(MINIMAL, tmp_path, V3)
+    assert list(config.collectors) == list(COLLECTOR_NAMES)
+    assert config.collector("usage") == CollectorSettings("usage", True, 300.0)
+    assert config.collector("active_users") == CollectorSettings("active_users", True, 300.0, None, 1, 1)
+    consumption = config.collector("consumption")
+    assert (consumption.enabled, consumption.interval) == (True, 1800.0)
+    assert consumption.windows == (Window("today", "today", None, 1800.0), Window("7d", "range", 7 * 86400.0, 1800.0),
+                                   Window("30d", "range", 30 * 86400.0, 1800.0),
+                                   Window("billing_cycle", "billing_cycle", None, 1800.0))
+    assert not any(w.interval_explicit for w in consumption.windows)
+    assert config.collector("organizations") == CollectorSettings("organizations", True, 3600.0)
+    assert config.collector("queue") == CollectorSettings("queue", True, 60.0)
+    assert config.notes == ()
+
+
+def test_v3_only_collectors_are_off_on_v2_with_a_note(tmp_path: Path) -> None:
+    config = parse(MINIMAL, tmp_path)
+    assert config.api.version == "v2"
+    assert [n for n, c in config.collectors.items() if c.enabled] == ["usage", "consumption", "organizations"]
+    assert config.notes == ("collector active_users is v3-only; off on API v2",
+                            "collector queue is v3-only; off on API v2")
+
+
+def test_v3_only_collector_written_without_enabled_is_off_on_v2(tmp_path: Path) -> None:
+    config = parse("collectors: {active_users: {min_sessions: 2}, queue: {interval: 5m}}\n" + MINIMAL, tmp_path)
+    assert config.collector("active_users") == CollectorSettings("active_users", False, 300.0, None, 2, 1)
+    assert config.collector("queue") == CollectorSettings("queue", False, 300.0)
+    assert len(config.notes) == 2
+
+
+def test_v3_only_collector_disabled_on_v2_needs_no_note(tmp_path: Path) -> None:
+    config = parse("collectors: {active_users: {enabled: false}, queue: {enabled: false}}\n" + MINIMAL, tmp_path)
+    assert not config.collector("active_users").enabled and not config.collector("queue").enabled
+    assert config.notes == ()
+
+
+@pytest.mark.parametrize("name", ["active_users", "queue"])
+def test_v3_only_collector_enabled_on_v2_rejected(name: str, tmp_path: Path) -> None:
+    text = f"collectors:\n  {name}:\n    enabled: true\n" + MINIMAL
+    reject(text, tmp_path, f"collectors.{name}.enabled", f"collector {name} needs API v3", "the API is v2")
+    assert parse(text, tmp_path, V3).collector(name).enabled
+
+
+def test_collectors_can_be_turned_off(tmp_path: Path) -> None:
+    text = "collectors:\n" + "".join(f"  {name}: {{enabled: false}}\n" for name in COLLECTOR_NAMES) + MINIMAL
+    config = parse(text, tmp_path, V3)
+    assert not any(c.enabled for c in config.collectors.values())
+
+
+def test_usage_and_active_users_follow_poll_interval(tmp_path: Path) -> None:
+    config = parse("poll: {interval: 2m}\n" + MINIMAL, tmp_path, V3)
+    assert {n: c.interval for n, c in config.collectors.items()} == {
+        "usage": 120.0, "active_users": 120.0, "consumption": 1800.0, "organizations": 3600.0, "queue": 60.0}
+
+
+def test_collector_settings_are_typed(tmp_path: Path) -> None:
+    config = parse(
+        """\
+        collectors:
+          usage: {interval: 10m}
+          active_users: {interval: 1h, windows: [24h, 7d], min_sessions: 0, min_searches: 5}
+          consumption: {interval: 1h}
+          organizations: {interval: 6h}
+          queue: {interval: 30s}
+        org_sets: [{name: enterprise}]
+        """,
+        tmp_path,
+        V3,
+    )
+    assert config.collector("usage") == CollectorSettings("usage", True, 600.0)
+    active = config.collector("active_users")
+    assert (active.interval, active.min_sessions, active.min_searches) == (3600.0, 0, 5)
+    assert active.windows == (Window("24h", "range", 86400.0, 3600.0), Window("7d", "range", 7 * 86400.0, 3600.0))
+    consumption = config.collector("consumption")
+    assert [(w.name, w.interval) for w in consumption.windows or ()] == [
+        ("today", 3600.0), ("7d", 3600.0), ("30d", 3600.0), ("billing_cycle", 3600.0)]
+    assert config.collector("organizations").interval == 6 * 3600.0
+    assert config.collector("queue").interval == 30.0
+
+
+def test_window_interval_beats_collector_interval_beats_poll_interval(tmp_path: Path) -> None:
+    config = parse(
+        """\
+        poll: {interval: 2m}
+        windows: [1h, {range: 24h, interval: 15m}]
+        collectors:
+          usage: {interval: 10m}
+        org_sets:
+          - name: a
+          - name: b
+            windows: [7d, {range: 30d, interval: 1h}]
+        """,
+        tmp_path,
+        V3,
+    )
+    a, b = config.org_sets
+    usage, active = config.collector("usage"), config.collector("active_users")
+    assert [(w.name, w.interval) for w in usage.windows_for(a)] == [("1h", 600.0), ("24h", 900.0)]
+    assert [(w.name, w.interval) for w in usage.windows_for(b)] == [("7d", 600.0), ("30d", 3600.0)]
+    assert [(w.name, w.interval) for w in active.windows_for(a)] == [("1h", 120.0), ("24h", 900.0)]
+    assert [(w.name, w.interval_explicit) for w in a.windows] == [("1h", False), ("24h", True)]
+    assert [w.interval for w in a.windows] == [120.0, 900.0]  # the org set's own view is unchanged
+
+
+def test_collector_windows_replace_every_org_sets_windows(tmp_path: Path) -> None:
+    config = parse(
+        """\
+        collectors:
+          consumption: {interval: 1h, windows: [24h, {range: billing_cycle, interval: 6h}]}
+        org_sets:
+          - name: a
+          - name: b
+            windows: [7d]
+        """,
+        tmp_path,
+    )
+    consumption = config.collector("consumption")
+    for org_set in config.org_sets:
+        assert [(w.name, w.interval, w.interval_explicit) for w in consumption.windows_for(org_set)] == [
+            ("24h", 3600.0, False), ("billing_cycle", 6 * 3600.0, True)]
+
+
+@pytest.mark.parametrize("name", ["organizations", "queue"])
+def test_enterprise_collectors_poll_no_windows(name: str, tmp_path: Path) -> None:
+    config = parse(MINIMAL, tmp_path, V3)
+    assert config.collector(name).windows_for(config.org_sets[0]) == ()
+
+
+def test_empty_collector_sections_mean_defaults(tmp_path: Path) -> None:
+    text = "collectors:\n" + "".join(f"  {name}:\n" for name in COLLECTOR_NAMES) + "discovery:\n" + MINIMAL
+    assert parse(text, tmp_path, V3) == parse(MINIMAL, tmp_path, V3)
+    assert parse("collectors:\n" + MINIMAL, tmp_path) == parse(MINIMAL, tmp_path)
+
+
+def test_unknown_collector_name_raises_key_error(tmp_path: Path) -> None:
+    with pytest.raises(KeyError, match="no collector 'usgae'"):
+        parse(MINIMAL, tmp_path).collector("usgae")
+
+
+@pytest.mark.parametrize(("text", "path", "problem"), [
+    ("collectors: {usgae: {}}", "collectors.usgae", "unknown key; did you mean 'usage'?"),
+    ("collectors: {zzz: {}}", "collectors.zzz", "valid keys: usage, active_users, consumption, organizations, queue"),
+    ("collectors: {queue: {intervall: 1m}}", "collectors.queue.intervall", "unknown key; did you mean 'interval'?"),
+    ("collectors: {organizations: {windows: [1h]}}", "collectors.organizations.windows", "unknown key"),
+    ("collectors: {queue: {windows: [1h]}}", "collectors.queue.windows", "unknown key"),
+    ("collectors: {usage: {min_sessions: 2}}", "collectors.usage.min_sessions", "unknown key"),
+    ("collectors: {consumption: {min_searches: 2}}", "collectors.consumption.min_searches", "unknown key"),
+    ("collectors: [usage]", "collectors", "must be a mapping"),
+    ("collectors: {usage: true}", "collectors.usage", "must be a mapping"),
+    ("collectors: {usage: {enabled: 'true'}}", "collectors.usage.enabled", "must be true or false, got a string"),
+    ("collectors: {usage: {enabled: 1}}", "collectors.usage.enabled", "must be true or false, got an integer"),
+    ("collectors: {usage: {enabled: null}}", "collectors.usage.enabled", "must be true or false, got nothing"),
+    ("collectors: {queue: {interval: 5}}", "collectors.queue.interval", "is not a duration"),
+    ("collectors: {queue: {interval: soon}}", "collectors.queue.interval", "is not a duration"),
+    ("collectors: {queue: {interval: 500ms}}", "collectors.queue.interval", "must be at least 1s"),
+    ("collectors: {organizations: {interval: 0s}}", "collectors.organizations.interval", "must be at least 1s"),
+    ("collectors: {usage: {windows: []}}", "collectors.usage.windows", "at least one window"),
+    ("collectors: {usage: {windows: 1h}}", "collectors.usage.windows", "must be a list"),
+    ("collectors: {usage: {windows: null}}", "collectors.usage.windows", "must be a list"),
+    ("collectors: {consumption: {windows: [7d, 7d]}}", "collectors.consumption.windows[1]", "listed twice"),
+    ("collectors: {consumption: {windows: [30s]}}", "collectors.consumption.windows[0]", "minimum of 1m"),
+    ("collectors: {active_users: {windows: [yesterday]}}", "collectors.active_users.windows[0]", "is not a window"),
+    ("collectors: {usage: {windows: [{range: 1h, interval: 0s}]}}", "collectors.usage.windows[0].interval",
+     "at least 1s"),
+    ("collectors: {usage: {windows: [{interval: 5m}]}}", "collectors.usage.windows[0]", "needs `range`"),
+    ("collectors: {active_users: {min_sessions: -1}}", "collectors.active_users.min_sessions", "at least 0, got -1"),
+    ("collectors: {active_users: {min_searches: 1.5}}", "collectors.active_users.min_searches", "must be an integer"),
+    ("collectors: {active_users: {min_searches: '2'}}", "collectors.active_users.min_searches", "must be an integer"),
+    ("collectors: {active_users: {min_sessions: true}}", "collectors.active_users.min_sessions", "must be an integer"),
+])
+def test_bad_collectors_rejected(text: str, path: str, problem: str, tmp_path: Path) -> None:
+    reject(text + "\n" + MINIMAL, tmp_path, path, problem, env=V3)
+
+
+# --- organization discovery (SPEC §11) ----------------------------------------------------------
+
+
+def test_discovery_is_off_by_default(tmp_path: Path) -> None:
+    config = parse(MINIMAL, tmp_path)
+    assert config.discovery == DiscoverySettings()
+    assert config.discovery == DiscoverySettings(organizations=False, windows=None, labels=(), exclude=())
+    assert "discovery" not in config.summary()
+
+
+@pytest.mark.parametrize("org_sets", ["", "org_sets:\n", "org_sets: []\n"])
+def test_discovery_makes_org_sets_optional(org_sets: str, tmp_path: Path) -> None:
+    config = parse("discovery: {organizations: true}\n" + org_sets, tmp_path, V3)
+    assert config.org_sets == () and config.discovery.organizations
+    assert config.summary().startswith("test.yaml: OK: 0 org set(s), 0 schedule(s)")
+    assert config.summary().endswith("; discovery of organizations on")
+
+
+def test_without_discovery_org_sets_are_still_required(tmp_path: Path) -> None:
+    reject("discovery: {organizations: false}\n", tmp_path, "org_sets", "at least one org set",
+           "discovery.organizations")
+
+
+def test_discovery_settings_are_typed(tmp_path: Path) -> None:
+    config = parse(
+        """\
+        poll: {interval: 2m}
+        discovery:
+          organizations: true
+          windows: [24h, {range: 7d, interval: 1h}]
+          labels: {tier: gold, source: discovered}
+          exclude: [org-sandbox, org-test]
+        org_sets: [{name: enterprise}]
+        """,
+        tmp_path,
+    )
+    discovery = config.discovery
+    assert discovery.windows == (Window("24h", "range", 86400.0, 120.0), Window("7d", "range", 7 * 86400.0, 3600.0))
+    assert discovery.labels == (("source", "discovered"), ("tier", "gold"))
+    assert discovery.exclude == ("org-sandbox", "org-test")
+    assert [s.name for s in config.org_sets] == ["enterprise"]
+
+
+def test_discovered_org_set_takes_discovery_labels_and_windows(tmp_path: Path) -> None:
+    config = parse("discovery: {organizations: true, labels: {tier: gold}, windows: [7d]}\n", tmp_path, V3)
+    org_set = config.discovered_org_set("Platform", "org-1")
+    assert org_set == OrgSet("Platform", ("org-1",), (), (("org_id", "org-1"), ("tier", "gold")),
+                             (Window("7d", "range", 7 * 86400.0, 300.0),))
+    plain = parse("discovery: {organizations: true}\n", tmp_path, V3)
+    assert plain.discovered_org_set("x", "org-2").windows == plain.windows
+
+
+def test_discovery_needs_the_organizations_collector(tmp_path: Path) -> None:
+    reject("collectors: {organizations: {enabled: false}}\ndiscovery: {organizations: true}\n", tmp_path,
+           "discovery.organizations", "needs the organizations collector", "collectors.organizations.enabled")
+
+
+@pytest.mark.parametrize(("text", "path", "problem"), [
+    ("discovery: {organisations: true}", "discovery.organisations", "unknown key; did you mean 'organizations'?"),
+    ("discovery: {lables: {}}", "discovery.lables", "did you mean 'labels'?"),
+    ("discovery: [organizations]", "discovery", "must be a mapping"),
+    ("discovery: {organizations: 'yes'}", "discovery.organizations", "must be true or false"),
+    ("discovery: {windows: []}", "discovery.windows", "at least one window"),
+    ("discovery: {windows: [1h, 1h]}", "discovery.windows[1]", "listed twice"),
+    ("discovery: {windows: [10s]}", "discovery.windows[0]", "minimum of 1m"),
+    ("discovery: {labels: {org_id: x}}", "discovery.labels.org_id", "label 'org_id' is set by the exporter"),
+    ("discovery: {labels: {team-name: x}}", "discovery.labels.team-name", "not a valid Prometheus label name"),
+    ("discovery: {labels: {team: 1}}", "discovery.labels.team", "label values must be strings"),
+    ("discovery: {labels: [team]}", "discovery.labels", "must be a mapping"),
+    ("discovery: {exclude: org-1}", "discovery.exclude", "must be a list"),
+    ("discovery: {exclude: [org-1, 2]}", "discovery.exclude[1]", "must be a string"),
+    ("discovery: {exclude: ['']}", "discovery.exclude[0]", "must not be empty"),
+])
+def test_bad_discovery_rejected(text: str, path: str, problem: str, tmp_path: Path) -> None:
+    reject(text + "\n" + MINIMAL, tmp_path, path, problem)
+
+
+# --- reserved label names (SPEC §10) ------------------------------------------------------------
+
+
+def test_reserved_labels_are_every_label_the_exporter_sets() -> None:
+    assert sorted(RESERVED_LABELS) == ["collector", "org", "org_id", "origin", "product", "size", "status", "window"]
+
+
+@pytest.mark.parametrize("name", sorted(RESERVED_LABELS))
+def test_every_reserved_label_rejected_on_org_sets_and_discovery(name: str, tmp_path: Path) -> None:
+    reject(f"org_sets: [{{name: a, labels: {{team: x, {name}: y}}}}]\n", tmp_path, f"org_sets[0].labels.{name}",
+           f"label '{name}' is set by the exporter")
+    reject(f"discovery: {{organizations: true, labels: {{{name}: y}}}}\n", tmp_path, f"discovery.labels.{name}",
+           f"label '{name}' is set by the exporter", env=V3)
+
+
+# --- the reload endpoint switch (SPEC §13) ------------------------------------------------------
+
+
+def test_enable_lifecycle_defaults_to_false(tmp_path: Path) -> None:
+    assert parse(MINIMAL, tmp_path).server.enable_lifecycle is False
+    assert parse("server: {enable_lifecycle: true}\n" + MINIMAL, tmp_path).server.enable_lifecycle is True
+
+
+@pytest.mark.parametrize("value", ["'yes'", "1", "null", "[true]"])
+def test_enable_lifecycle_that_is_not_a_boolean_rejected(value: str, tmp_path: Path) -> None:
+    reject(f"server: {{enable_lifecycle: {value}}}\n" + MINIMAL, tmp_path, "server.enable_lifecycle",
+           "must be true or false")
+
+
+# --- the summary names the API version ----------------------------------------------------------
+
+
+def test_summary_names_the_api_version(tmp_path: Path) -> None:
+    assert ", API v2 https://api.devin.ai, listen " in parse(MINIMAL, tmp_path).summary()
+    assert ", API v3 https://api.devin.ai, listen " in parse(MINIMAL, tmp_path, V3).summary()
+
+
+# --- org sets added at run time -----------------------------------------------------------------
+
+
+def sets(*names: str) -> tuple[OrgSet, ...]:
+    return tuple(OrgSet(name, (f"id-{name}",)) for name in names)
+
+
+def test_with_org_sets_appends_after_the_configured_ones(tmp_path: Path) -> None:
+    config = parse("org_sets: [{name: a}, {name: b}]\n", tmp_path)
+    grown = config.with_org_sets(sets("x", "y"))
+    assert [s.name for s in grown.org_sets] == ["a", "b", "x", "y"]
+    assert [s.name for s in config.org_sets] == ["a", "b"]  # the config itself is unchanged
+    again = grown.with_org_sets(sets("z"))  # a later refresh replaces the earlier extra sets
+    assert [s.name for s in again.org_sets] == ["a", "b", "z"]
+    assert again.with_org_sets(()) == config
+    assert (again.collectors, again.notes, again.api) == (config.collectors, config.notes, config.api)
+
+
+def test_with_org_sets_rejects_a_taken_name(tmp_path: Path) -> None:
+    config = parse("org_sets: [{name: a}]\n", tmp_path)
+    with pytest.raises(ValueError, match="'a' is taken"):
+        config.with_org_sets(sets("a"))
+    with pytest.raises(ValueError, match="'x' is taken"):
+        config.with_org_sets(sets("x", "x"))
+
+
+def test_with_org_sets_keeps_only_the_shards_own_sets(tmp_path: Path) -> None:
+    configured = [f"c{i}" for i in range(20)]
+    extra = sets(*(f"d{i}" for i in range(20)))
+    config = parse("org_sets:\n" + "".join(f"  - name: {n}\n" for n in configured), tmp_path)
+    shard = Shard(1, 3)
+    sharded = config.with_shard(shard).with_org_sets(extra)
+    every = configured + [s.name for s in extra]
+    assert [s.name for s in sharded.org_sets] == [n for n in every if shard.owns(n)]
+    assert 0 < len(sharded.org_sets) < len(every)
+    assert [s.name for s in sharded.all_org_sets] == every
+    # The order of the two steps does not matter, and dropping the shard gives every set back.
+    assert config.with_org_sets(extra).with_shard(shard) == sharded
+    assert [s.name for s in sharded.with_shard(None).org_sets] == every
+    assert sharded.with_org_sets(()).with_shard(None) == config
+
+
+# --- config.example.yaml documents the collectors and discovery ---------------------------------
+
+
+@pytest.mark.parametrize("env", [ENV, V3], ids=["v2", "v3"])
+def test_example_collectors_and_discovery_are_the_defaults(env: dict[str, str]) -> None:
+    config = load_config(EXAMPLE, env=env)
+    default = parse_config(MINIMAL, env=env)
+    assert config.collectors == default.collectors
+    assert config.discovery == default.discovery
+    assert config.notes == default.notes
+    assert config.api.version_setting == "auto"
+
+
+NEW_KEYS = sorted({
+    *config_module._DISCOVERY_KEYS, *(key for keys in config_module._COLLECTOR_KEYS.values() for key in keys),
+    *config_module._COLLECTOR_KEYS,
+})
+
+
+@pytest.mark.parametrize("key", NEW_KEYS)
+def test_example_documents_every_collector_and_discovery_key(key: str) -> None:
+    assert re.search(rf"(?<![\w]){key}\s*:", EXAMPLE.read_text()), f"{key} is not in {EXAMPLE.name}"
 
 
 # --- YAML and the document as a whole -----------------------------------------------------------

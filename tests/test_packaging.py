@@ -545,8 +545,13 @@ def test_schema_config_keys_are_the_exporters() -> None:
     assert set(props["org_sets"]["items"]["properties"]) == set(exporter_config._ORG_SET_KEYS)
     window_object = schema["definitions"]["window"]["oneOf"][1]
     assert set(window_object["properties"]) == set(exporter_config._WINDOW_KEYS)
-    for section in ("api", "poll", "server"):
+    collectors = props["collectors"]["properties"]
+    assert {name: set(c["properties"]) for name, c in collectors.items()} == {
+        name: set(keys) for name, keys in exporter_config._COLLECTOR_KEYS.items()}
+    assert set(props["discovery"]["properties"]) == set(exporter_config._DISCOVERY_KEYS)
+    for section in ("api", "poll", "server", "collectors", "discovery"):
         assert props[section]["additionalProperties"] is False
+    assert all(c["additionalProperties"] is False for c in collectors.values())
     assert props["org_sets"]["items"]["additionalProperties"] is False
 
 
@@ -601,11 +606,21 @@ def test_helm_lint_passes(name: str, tmp_path: Path) -> None:
     assert ("the Devin API key is not set" in report["stderr"]) == (name == "defaults")
 
 
+def test_helm_lint_takes_empty_org_sets_with_discovery(tmp_path: Path) -> None:
+    values = {"apiKey": "cog_x", "config": {"org_sets": [], "discovery": {"organizations": True}}}
+    report = helm_lint(values, tmp_path)
+    assert not problems(report), report
+
+
 @pytest.mark.parametrize("overrides", [
     {"serviceMonitr": {}},
     {"config": {"pol": {}}},
     {"config": {"org_sets": [{"name": "enterprise", "org_id": ["org-1"]}]}},
     {"config": {"api": {"api_key": "apk_user_leak"}}},
+    {"config": {"org_sets": []}},
+    {"config": {"collectors": {"queue": {"windows": ["1h"]}}}},
+    {"config": {"discovery": {"labels": {"org_id": "x"}}}},
+    {"config": {"api": {"version": "v4"}}},
     {"service": {"port": "http"}},
     {"prometheusRule": {"thresholds": {"merge_rate_drop": 0.3}}},
     {"shards": 0},
@@ -615,7 +630,8 @@ def test_helm_lint_passes(name: str, tmp_path: Path) -> None:
     {"webConfig": {"tls": "yes"}},
     {"serviceMonitor": {"basicAuth": {"username": {"name": "scrape", "key": "username"}}}},
     {"serviceMonitor": {"basicAuth": {"username": {"name": "s", "key": "u"}, "pasword": {"name": "s", "key": "p"}}}},
-], ids=["serviceMonitr", "config.pol", "org_sets.org_id", "config.api.api_key", "service.port-type",
+], ids=["serviceMonitr", "config.pol", "org_sets.org_id", "config.api.api_key", "org_sets-empty",
+        "queue.windows", "discovery.labels.org_id", "api.version", "service.port-type",
         "unknown-threshold", "shards-0", "shards-fraction", "shards-string", "webConfig.secretNme",
         "webConfig.tls-type", "basicAuth-no-password", "basicAuth-pasword"])
 def test_helm_lint_rejects_bad_values_through_the_schema(overrides: dict[str, Any], tmp_path: Path) -> None:
