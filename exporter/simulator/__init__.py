@@ -874,7 +874,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"simulator: cannot listen on {_url(host, port)}: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
