@@ -1,0 +1,367 @@
+"""The simulator's aiohttp app: request log, faults, bearer check, rate limit and the `/-/` control plane."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hmac
+import http
+import json
+import math
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final, TypedDict, Unpack, cast
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from exporter.simulator import v2
+from exporter.simulator.faults import Faults, malformed_body
+from exporter.simulator.route import Call, Invalid, JSONValue, Route
+
+__all__ = [
+    "DEFAULT_DEMO_KEY",
+    "FAULTS_KEY",
+    "REQUESTS_KEY",
+    "CreateAppOptions",
+    "RecordedRequest",
+    "create_app",
+    "start_simulator",
+    "url",
+]
+
+DEFAULT_DEMO_KEY: Final = "apk_user_simulator"
+
+# Bounded so a long-running demo does not grow without limit; tests look at far fewer.
+_MAX_RECORDED_REQUESTS: Final = 10_000
+_LOGIN_PATH: Final = "/login"
+
+
+@dataclass
+class RecordedRequest:
+    """One request the simulator received; `status` stays None while it has not been answered."""
+
+    time: datetime
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    user_agent: str | None
+    status: int | None = None
+
+    def to_json(self) -> dict[str, JSONValue]:
+        query: dict[str, JSONValue] = {k: list[JSONValue](v) for k, v in self.query.items()}
+        return {
+            "time": self.time.isoformat(),
+            "method": self.method,
+            "path": self.path,
+            "query": query,
+            "user_agent": self.user_agent,
+            "status": self.status,
+        }
+
+
+@dataclass
+class _TokenBucket:
+    rate: float
+    capacity: float
+    tokens: float
+    updated: datetime
+
+    def take(self, now: datetime) -> float | None:
+        """Take a token; None if one was available, else seconds until one will be."""
+        elapsed = max(0.0, (now - self.updated).total_seconds())  # a clock going back adds nothing
+        self.tokens = min(self.capacity, self.tokens + elapsed * self.rate)
+        self.updated = max(self.updated, now)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return None
+        return (1.0 - self.tokens) / self.rate
+
+
+@dataclass
+class _State:
+    api_key: str | None
+    clock: Callable[[], datetime]
+    rng: random.Random
+    shutdown: asyncio.Event = field(default_factory=asyncio.Event)
+    buckets: dict[str, _TokenBucket] = field(default_factory=dict)
+
+
+FAULTS_KEY: Final = web.AppKey("simulator_faults", Faults)
+REQUESTS_KEY: Final = web.AppKey("simulator_requests", collections.deque[RecordedRequest])
+_STATE_KEY: Final = web.AppKey("simulator_state", _State)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+# --------------------------------------------------------------------------------------------
+# Error replies
+# --------------------------------------------------------------------------------------------
+
+
+def _detail(status: int, detail: JSONValue, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response({"detail": detail}, status=status, headers=headers)
+
+
+def _html_error(status: int) -> web.Response:
+    phrase = http.HTTPStatus(status).phrase
+    return web.Response(
+        status=status,
+        text=f"<html><body><h1>{status} {phrase}</h1></body></html>",
+        content_type="text/html",
+    )
+
+
+def _fault_status_response(status: int, retry_after: str | None) -> web.Response:
+    if status == 429:
+        headers = {"Retry-After": retry_after} if retry_after is not None else None
+        return _detail(429, "Too Many Requests", headers)
+    if status >= 500:
+        # What a load balancer in front of the API sends, not FastAPI: HTML, not JSON.
+        return _html_error(status)
+    if status == 401:
+        return _detail(401, "Invalid API key", {"WWW-Authenticate": "Bearer"})
+    if status == 403:
+        return _detail(403, "Enterprise admin API key required")
+    return _detail(status, http.HTTPStatus(status).phrase)
+
+
+# --------------------------------------------------------------------------------------------
+# Middleware and the API routes' shared front
+# --------------------------------------------------------------------------------------------
+
+
+def _query(request: web.Request) -> dict[str, list[str]]:
+    query: dict[str, list[str]] = {}
+    for key, value in request.query.items():
+        query.setdefault(key, []).append(value)
+    return query
+
+
+@web.middleware
+async def _record_and_shape_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Record API traffic; answer routing errors with FastAPI's JSON, not aiohttp's text."""
+    record: RecordedRequest | None = None
+    # The control plane is not traffic under test, and /-/requests would otherwise list itself.
+    if not request.path.startswith("/-/"):
+        record = RecordedRequest(
+            time=request.app[_STATE_KEY].clock(),
+            method=request.method,
+            path=request.path,
+            query=_query(request),
+            user_agent=request.headers.get("User-Agent"),
+        )
+        request.app[REQUESTS_KEY].append(record)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            if record is not None:
+                record.status = exc.status
+            raise
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        response = _detail(exc.status, exc.reason, allow)
+    if record is not None:
+        record.status = response.status
+    return response
+
+
+def _check_bearer(request: web.Request, state: _State) -> web.Response | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if scheme.lower() != "bearer" or not token:
+        return _detail(401, "Not authenticated", challenge)
+    if state.api_key is not None and not hmac.compare_digest(token.encode(), state.api_key.encode()):
+        return _detail(401, "Invalid API key", challenge)
+    return None
+
+
+def _rate_limited(request: web.Request, state: _State, faults: Faults) -> web.Response | None:
+    rate = faults.rate_limit_per_second
+    if rate is None:
+        state.buckets.clear()
+        return None
+    now = state.clock()
+    key = request.headers.get("Authorization", "")  # the limit is per API key, as upstream
+    bucket = state.buckets.get(key)
+    if bucket is None or bucket.rate != rate:
+        capacity = max(1.0, rate)  # a burst of one second's worth
+        bucket = state.buckets[key] = _TokenBucket(rate, capacity, capacity, now)
+    wait = bucket.take(now)
+    if wait is None:
+        return None
+    return _detail(429, "Too Many Requests", {"Retry-After": str(max(1, math.ceil(wait)))})
+
+
+async def _fault_response(state: _State, faults: Faults) -> web.Response | None:
+    """What the faults answer instead of the API, or None to let the request through."""
+    if faults.latency > 0:
+        # Wake early on shutdown so a slow simulator never holds up a clean stop.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.shutdown.wait(), faults.latency)
+    if faults.hang:
+        await state.shutdown.wait()
+        return _detail(503, "Simulator shutting down")
+    if faults.redirect:
+        return web.Response(status=302, headers={"Location": _LOGIN_PATH})
+    if faults.status is not None:
+        return _fault_status_response(faults.status, faults.retry_after)
+    # Draw for every request, so the n-th request's fate depends only on the seed.
+    if state.rng.random() < faults.error_rate:
+        return _html_error(500)
+    return None
+
+
+def _api(route: Route) -> Handler:
+    """The aiohttp handler of an API route: faults, then the bearer check, the rate limit, the route."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        state = request.app[_STATE_KEY]
+        faults = request.app[FAULTS_KEY]
+        # Not `or`: a Response is a MutableMapping, and an empty one is falsy.
+        refused = await _fault_response(state, faults)
+        if refused is None:
+            refused = _check_bearer(request, state)
+        if refused is None:
+            refused = _rate_limited(request, state, faults)
+        if refused is not None:
+            return refused
+        call = Call(path=request.path, query=_query(request), params=dict(request.match_info), now=state.clock())
+        try:
+            reply = route.handler(call)
+        except Invalid as exc:
+            return _detail(422, list[JSONValue](exc.errors))
+        if faults.malformed is not None:
+            return web.Response(body=malformed_body(faults.malformed, reply), content_type="application/json")
+        return web.json_response(reply.body)
+
+    return handle
+
+
+# --------------------------------------------------------------------------------------------
+# The control plane and the login page
+# --------------------------------------------------------------------------------------------
+
+
+async def _login(request: web.Request) -> web.StreamResponse:
+    # 200 with HTML: a client that follows the redirect must still notice it got no metrics.
+    return web.Response(
+        text="<html><body><h1>Sign in</h1><form method='post'></form></body></html>",
+        content_type="text/html",
+    )
+
+
+async def _get_faults(request: web.Request) -> web.StreamResponse:
+    return web.json_response(request.app[FAULTS_KEY].to_json())
+
+
+async def _post_faults(request: web.Request) -> web.StreamResponse:
+    try:
+        changes: object = await request.json()
+    except json.JSONDecodeError as exc:
+        return _detail(400, f"body is not JSON: {exc}")
+    if not isinstance(changes, dict):
+        return _detail(400, "body must be a JSON object of fault fields")
+    faults = request.app[FAULTS_KEY]
+    try:
+        faults.update(cast(dict[str, object], changes))
+    except ValueError as exc:
+        return _detail(400, str(exc))
+    return web.json_response(faults.to_json())
+
+
+async def _delete_faults(request: web.Request) -> web.StreamResponse:
+    faults = request.app[FAULTS_KEY]
+    faults.reset()
+    return web.json_response(faults.to_json())
+
+
+async def _get_requests(request: web.Request) -> web.StreamResponse:
+    return web.json_response([r.to_json() for r in request.app[REQUESTS_KEY]])
+
+
+async def _delete_requests(request: web.Request) -> web.StreamResponse:
+    request.app[REQUESTS_KEY].clear()
+    return web.json_response([])
+
+
+async def _release_hung_requests(app: web.Application) -> None:
+    # on_shutdown runs before the runner waits for in-flight handlers, so hung ones end now.
+    app[_STATE_KEY].shutdown.set()
+
+
+def create_app(
+    *,
+    api_key: str | None = DEFAULT_DEMO_KEY,
+    faults: Faults | None = None,
+    clock: Callable[[], datetime] | None = None,
+    seed: int = 0,
+) -> web.Application:
+    """The simulator as an aiohttp app.
+
+    `api_key=None` accepts any bearer token (the header is still required). `clock` returns
+    the current time (aware, or naive meaning UTC) for counts, rate limiting and records.
+    `seed` makes the `error_rate` fault reproducible.
+    """
+    app = web.Application(middlewares=[_record_and_shape_errors])
+    app[FAULTS_KEY] = faults if faults is not None else Faults()
+    app[REQUESTS_KEY] = collections.deque(maxlen=_MAX_RECORDED_REQUESTS)
+    app[_STATE_KEY] = _State(api_key=api_key, clock=clock or _utc_now, rng=random.Random(seed))
+    for route in v2.ROUTES:
+        app.router.add_get(route.path, _api(route))
+    app.router.add_get(_LOGIN_PATH, _login)
+    app.router.add_get("/-/faults", _get_faults)
+    app.router.add_post("/-/faults", _post_faults)
+    app.router.add_delete("/-/faults", _delete_faults)
+    app.router.add_get("/-/requests", _get_requests)
+    app.router.add_delete("/-/requests", _delete_requests)
+    app.on_shutdown.append(_release_hung_requests)
+    return app
+
+
+# --------------------------------------------------------------------------------------------
+# Serving it
+# --------------------------------------------------------------------------------------------
+
+
+class CreateAppOptions(TypedDict, total=False):
+    """Keyword arguments of create_app, for start_simulator."""
+
+    api_key: str | None
+    faults: Faults | None
+    clock: Callable[[], datetime] | None
+    seed: int
+
+
+# Hung and slow handlers are released on shutdown, so this only bounds the unexpected.
+_SHUTDOWN_TIMEOUT: Final = 2.0
+
+
+def url(host: str, port: int) -> str:
+    """The base URL of host:port, with an IPv6 host in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def start_simulator(
+    host: str = "127.0.0.1", port: int = 0, **create_app_kwargs: Unpack[CreateAppOptions]
+) -> tuple[web.AppRunner, str]:
+    """Serve the simulator on host:port (0 picks a free port); returns the runner and base URL.
+
+    Stop it with `await runner.cleanup()`.
+    """
+    runner = web.AppRunner(create_app(**create_app_kwargs), access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound_port = int(runner.addresses[0][1])  # the real port when 0 was asked for
+    return runner, url(host, bound_port)

@@ -1,0 +1,143 @@
+"""The simulated enterprise's numbers: a pure, deterministic function of (filters, bounds, now)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final
+
+__all__ = ["ENTERPRISE_ORG_IDS", "EPOCH", "as_utc", "billing_cycle_start", "scope", "usage_counts", "window"]
+
+EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+# "No org_ids" means the whole enterprise. It holds the org ids of the built-in demo config and of
+# the SPEC's example, so those org sets are subsets of the enterprise, as they would be upstream.
+ENTERPRISE_ORG_IDS: Final = (
+    "org-platform-1",
+    "org-platform-2",
+    "org-mobile",
+    "org-123",
+    "org-456",
+    "org-789",
+)
+
+
+def as_utc(t: datetime) -> datetime:
+    """Naive means UTC, as the upstream API treats timezone-less query values."""
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+def scope(org_ids: Iterable[str], enterprise_org_ids: Sequence[str]) -> list[str]:
+    """The orgs a filter means: its ids, each once, in order; no ids means the whole enterprise."""
+    return list(dict.fromkeys(org_ids)) or list(dict.fromkeys(enterprise_org_ids))
+
+
+def billing_cycle_start(now: datetime) -> datetime:
+    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def window(start: datetime | None, end: datetime | None, now: datetime) -> tuple[datetime, datetime]:
+    """The bounds a query means at `now`: a missing start is the current billing cycle's start, a
+    missing end is now, and nothing happens after now, so both are clipped to it.
+
+    Raises ValueError if start > end (before clipping).
+    """
+    now = as_utc(now)
+    start = billing_cycle_start(now) if start is None else as_utc(start)
+    end = now if end is None else as_utc(end)
+    if start > end:
+        raise ValueError("start must not be after end")
+    end = min(end, now)
+    return min(start, end), end
+
+
+# The daily wave's relative amplitude. Below 1 so the cumulative curve's slope,
+# rate * (1 + A*cos), never goes negative: counts can only grow as a window lengthens.
+_WAVE_AMPLITUDE: Final = 0.6
+
+
+def _unit(*parts: str) -> float:
+    """A stable number in [0, 1) for the given key; sha256 because hash() is salted per process."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+@dataclass(frozen=True)
+class _OrgProfile:
+    sessions_per_hour: float
+    phase: float  # radians; orgs peak at different hours of the day
+    searches_per_session: float
+    p_opened: float  # share of sessions that open a PR
+    p_closed: float  # share of opened PRs that get closed
+    p_merged: float  # share of closed PRs that were merged
+
+
+def _org_profile(org_id: str) -> _OrgProfile:
+    return _OrgProfile(
+        sessions_per_hour=5.0 + 45.0 * _unit("sessions", org_id),
+        phase=2.0 * math.pi * _unit("phase", org_id),
+        searches_per_session=1.5 + 2.5 * _unit("searches", org_id),
+        p_opened=0.25 + 0.35 * _unit("opened", org_id),
+        p_closed=0.70 + 0.25 * _unit("closed", org_id),
+        p_merged=0.60 + 0.30 * _unit("merged", org_id),
+    )
+
+
+def _user_fraction(user_ids: Iterable[str]) -> float:
+    """The share of activity the given users account for; 1.0 when there is no user filter.
+
+    Each user has a stable share and the fraction is their capped sum, so it depends only on the
+    set of ids (not their order) and a superset of users never sees less than a subset.
+    """
+    unique = sorted(set(user_ids))
+    if not unique:
+        return 1.0
+    return min(1.0, sum(0.01 + 0.07 * _unit("user", u) for u in unique))
+
+
+def _hours(t: datetime) -> float:
+    return (t - EPOCH).total_seconds() / 3600.0
+
+
+def _wave(hours: float, rate: float, phase: float) -> float:
+    """Cumulative events up to `hours` for a rate with a daily wave; strictly increasing."""
+    omega = 2.0 * math.pi / 24.0
+    return rate * (hours + _WAVE_AMPLITUDE / omega * math.sin(omega * hours + phase))
+
+
+def _cumulative(profile: _OrgProfile, fraction: float, t: datetime) -> tuple[int, int, int, int, int]:
+    """Integer cumulative counts of each field for one org up to t.
+
+    PR counts are nested floors of the one below them (the j-th session opens a PR when
+    floor(j*p) steps), so within any window merged <= closed <= opened <= sessions holds
+    exactly, and a window's count is end minus start, so windows add up.
+    """
+    h = _hours(t)
+    sessions = math.floor(fraction * _wave(h, profile.sessions_per_hour, profile.phase))
+    # Searches trail sessions by about an hour: same shape, not an exact multiple.
+    searches = math.floor(
+        fraction * _wave(h, profile.sessions_per_hour * profile.searches_per_session, profile.phase - 0.25)
+    )
+    opened = math.floor(sessions * profile.p_opened)
+    closed = math.floor(opened * profile.p_closed)
+    merged = math.floor(closed * profile.p_merged)
+    return sessions, searches, opened, closed, merged
+
+
+def usage_counts(
+    orgs: Sequence[str], user_ids: Iterable[str], start: datetime, end: datetime
+) -> tuple[int, int, int, int, int]:
+    """Sessions, searches, PRs opened, closed and merged of `orgs` by `user_ids` in [start, end]."""
+    fraction = _user_fraction(user_ids)
+    totals = [0] * 5
+    for org in orgs:
+        profile = _org_profile(org)
+        at_end = _cumulative(profile, fraction, end)
+        at_start = _cumulative(profile, fraction, start)
+        for i in range(len(totals)):
+            totals[i] += at_end[i] - at_start[i]
+    sessions, searches, opened, closed, merged = totals
+    return sessions, searches, opened, closed, merged

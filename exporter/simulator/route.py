@@ -1,0 +1,53 @@
+"""What a route sees of a request and what it answers: the contract between app.py and v2/v3."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TypeAlias
+
+__all__ = ["Call", "ErrorEntry", "Invalid", "JSONPath", "JSONValue", "Reply", "Route"]
+
+JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
+JSONPath: TypeAlias = tuple[str | int, ...]
+ErrorEntry: TypeAlias = dict[str, JSONValue]  # one FastAPI validation error: type, loc, msg, ...
+
+
+@dataclass(frozen=True)
+class Call:
+    """One API request as a route handler sees it: no aiohttp, so handlers are plain functions."""
+
+    path: str
+    query: Mapping[str, Sequence[str]]  # every value of a repeated key, in order
+    params: Mapping[str, str]  # path parameters
+    now: datetime
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A route's 200 body, and where the malformed faults should break it.
+
+    `lead` is the path to the number a client must check (made negative or huge), `required`
+    the path to a field a client cannot do without (left out).
+    """
+
+    body: JSONValue
+    lead: JSONPath = ()
+    required: JSONPath = ()
+
+
+class Invalid(Exception):
+    """The query failed validation: a 422 carrying these entries, shaped per API version."""
+
+    def __init__(self, errors: Sequence[ErrorEntry]) -> None:
+        super().__init__(f"{len(errors)} validation error(s)")
+        self.errors = list(errors)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A GET route: an aiohttp path pattern and the function that answers it."""
+
+    path: str
+    handler: Callable[[Call], Reply] = field(compare=False)

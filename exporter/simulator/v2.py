@@ -1,0 +1,99 @@
+"""API v2 routes (legacy; `apk_` keys): parameters as FastAPI reads them, and replies per the v2 docs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Final
+
+from exporter.simulator.model import ENTERPRISE_ORG_IDS, scope, usage_counts, window
+from exporter.simulator.query import parse_datetime, validation_error
+from exporter.simulator.route import Call, ErrorEntry, Invalid, JSONValue, Reply, Route
+
+__all__ = ["ROUTES", "USAGE_FIELDS", "USAGE_PATH", "expected_usage"]
+
+USAGE_PATH: Final = "/v2/enterprise/metrics/usage"
+USAGE_FIELDS: Final = ("sessions_count", "searches_count", "prs_opened", "prs_closed", "prs_merged")
+
+
+def expected_usage(
+    org_ids: Sequence[str],
+    user_ids: Sequence[str],
+    start: datetime | None,
+    end: datetime | None,
+    *,
+    now: datetime,
+) -> dict[str, int]:
+    """The exact counts the simulated endpoint returns for this query at time `now`.
+
+    A missing `start` is the first of `now`'s month (00:00 UTC), a missing `end` is `now`;
+    together that is the billing cycle. Nothing has happened after `now`, so the window is
+    clipped to it. Raises ValueError if start > end.
+    """
+    start, end = window(start, end, now)
+    counts = usage_counts(scope(org_ids, ENTERPRISE_ORG_IDS), user_ids, start, end)
+    return dict(zip(USAGE_FIELDS, counts, strict=True))
+
+
+def _read_window(call: Call) -> tuple[datetime | None, datetime | None]:
+    """The (start, end) the query asks for; raises Invalid with FastAPI-shaped errors."""
+    errors: list[ErrorEntry] = []
+    parsed: dict[str, datetime] = {}
+    raw: dict[str, str] = {}
+    for name in ("start_date", "end_date", "start", "end"):  # FastAPI's declaration order
+        values = call.query.get(name, ())
+        if not values:
+            continue
+        value = values[-1]  # like Starlette, the last of repeated scalar keys wins
+        raw[name] = value
+        try:
+            parsed[name] = parse_datetime(value)
+        except ValueError as exc:
+            reason = str(exc)
+            errors.append(
+                validation_error(
+                    "datetime_from_date_parsing",
+                    name,
+                    f"Input should be a valid datetime or date, {reason}",
+                    value,
+                    {"error": reason},
+                )
+            )
+    # The documented names win over the aliases when both are sent.
+    start_name = "start_date" if "start_date" in raw else "start" if "start" in raw else None
+    end_name = "end_date" if "end_date" in raw else "end" if "end" in raw else None
+    # The real API's behaviour with only one bound is undocumented. The exporter always sends
+    # both or neither, so the simulator is stricter than upstream here: a half-built window is a
+    # bug in the exporter, and failing loudly catches it.
+    if (start_name is None) != (end_name is None):
+        missing = "start_date" if start_name is None else "end_date"
+        errors.append(validation_error("missing", missing, "Field required", None))
+    if errors:
+        raise Invalid(errors)
+    if start_name is None or end_name is None:
+        return None, None
+    start, end = parsed[start_name], parsed[end_name]
+    if start > end:
+        raise Invalid(
+            [
+                validation_error(
+                    "value_error",
+                    start_name,
+                    f"Value error, {start_name} must not be after {end_name}",
+                    raw[start_name],
+                    {"error": {}},  # FastAPI serialises the ValueError in ctx as an empty object
+                )
+            ]
+        )
+    return start, end
+
+
+def _usage(call: Call) -> Reply:
+    start, end = _read_window(call)
+    # An end in the future is accepted and counts stop at "now": a clock-skewed exporter
+    # should see plausible numbers, not an error upstream never documented.
+    counts = expected_usage(call.query.get("org_ids", ()), call.query.get("user_ids", ()), start, end, now=call.now)
+    return Reply(dict[str, JSONValue](counts), lead=("sessions_count",), required=("prs_merged",))
+
+
+ROUTES: Final = (Route(USAGE_PATH, _usage),)
