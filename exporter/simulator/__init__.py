@@ -15,7 +15,7 @@ from exporter.simulator.app import (
 )
 from exporter.simulator.cli import main
 from exporter.simulator.faults import MALFORMED_KINDS, Faults, MalformedKind
-from exporter.simulator.model import ENTERPRISE_ORG_IDS
+from exporter.simulator.model import ENTERPRISE_ORG_IDS, INCEPTION, billing_cycle
 from exporter.simulator.query import parse_datetime
 from exporter.simulator.v2 import USAGE_FIELDS, USAGE_PATH, expected_usage
 
@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_DEMO_KEY",
     "ENTERPRISE_ORG_IDS",
     "FAULTS_KEY",
+    "INCEPTION",
     "MALFORMED_KINDS",
     "REQUESTS_KEY",
     "USAGE_FIELDS",
@@ -31,6 +32,7 @@ __all__ = [
     "Faults",
     "MalformedKind",
     "RecordedRequest",
+    "billing_cycle",
     "create_app",
     "expected_usage",
     "main",

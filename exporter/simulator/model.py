@@ -6,10 +6,23 @@ import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
-__all__ = ["ENTERPRISE_ORG_IDS", "EPOCH", "as_utc", "billing_cycle_start", "scope", "usage_counts", "window"]
+__all__ = [
+    "BILLING_CYCLE_DAY",
+    "BILLING_DAY_START",
+    "ENTERPRISE_ORG_IDS",
+    "EPOCH",
+    "INCEPTION",
+    "as_utc",
+    "billing_cycle",
+    "billing_cycles",
+    "billing_day_start",
+    "scope",
+    "usage_counts",
+    "window",
+]
 
 EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -35,8 +48,47 @@ def scope(org_ids: Iterable[str], enterprise_org_ids: Sequence[str]) -> list[str
     return list(dict.fromkeys(org_ids)) or list(dict.fromkeys(enterprise_org_ids))
 
 
-def billing_cycle_start(now: datetime) -> datetime:
-    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+# The billing calendar. Upstream's billing day starts at midnight PST, which the docs pin to a fixed
+# 08:00 UTC all year (no PDT shift); cycles are monthly. The 5th matches the docs' own example
+# (`start_date=2025-12-05T08:00:00Z&end_date=2026-01-05T08:00:00Z`).
+BILLING_DAY_START: Final = timedelta(hours=8)
+BILLING_CYCLE_DAY: Final = 5
+# The first billing cycle of the simulated enterprise: the cycles endpoints list from here.
+INCEPTION: Final = datetime(2025, 3, BILLING_CYCLE_DAY, tzinfo=UTC) + BILLING_DAY_START
+
+
+def _cycle_start_in(year: int, month: int) -> datetime:
+    return datetime(year, month, BILLING_CYCLE_DAY, tzinfo=UTC) + BILLING_DAY_START
+
+
+def _next_month(year: int, month: int) -> tuple[int, int]:
+    return (year + 1, 1) if month == 12 else (year, month + 1)
+
+
+def billing_cycle(t: datetime) -> tuple[datetime, datetime]:
+    """The billing cycle holding instant t as [start, end): from the 5th of a month, 08:00 UTC."""
+    t = as_utc(t)
+    year, month = t.year, t.month
+    if t < _cycle_start_in(year, month):
+        year, month = (year - 1, 12) if month == 1 else (year, month - 1)
+    return _cycle_start_in(year, month), _cycle_start_in(*_next_month(year, month))
+
+
+def billing_cycles(now: datetime) -> list[tuple[datetime, datetime]]:
+    """Every cycle from INCEPTION to the current one (whose end is still ahead), oldest first."""
+    current, _ = billing_cycle(now)
+    cycles: list[tuple[datetime, datetime]] = []
+    year, month = INCEPTION.year, INCEPTION.month
+    while (start := _cycle_start_in(year, month)) <= current:
+        year, month = _next_month(year, month)
+        cycles.append((start, _cycle_start_in(year, month)))
+    return cycles
+
+
+def billing_day_start(t: datetime) -> datetime:
+    """The start (08:00 UTC) of the billing day holding instant t."""
+    shifted = as_utc(t) - BILLING_DAY_START
+    return shifted.replace(hour=0, minute=0, second=0, microsecond=0) + BILLING_DAY_START
 
 
 def window(start: datetime | None, end: datetime | None, now: datetime) -> tuple[datetime, datetime]:
@@ -46,7 +98,7 @@ def window(start: datetime | None, end: datetime | None, now: datetime) -> tuple
     Raises ValueError if start > end (before clipping).
     """
     now = as_utc(now)
-    start = billing_cycle_start(now) if start is None else as_utc(start)
+    start = billing_cycle(now)[0] if start is None else as_utc(start)
     end = now if end is None else as_utc(end)
     if start > end:
         raise ValueError("start must not be after end")

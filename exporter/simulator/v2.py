@@ -26,9 +26,9 @@ def expected_usage(
 ) -> dict[str, int]:
     """The exact counts the simulated endpoint returns for this query at time `now`.
 
-    A missing `start` is the first of `now`'s month (00:00 UTC), a missing `end` is `now`;
-    together that is the billing cycle. Nothing has happened after `now`, so the window is
-    clipped to it. Raises ValueError if start > end.
+    A missing `start` is the start of `now`'s billing cycle (the 5th of the month at 08:00 UTC,
+    see `billing_cycle`), a missing `end` is `now`; together that is the cycle so far. Nothing has
+    happened after `now`, so the window is clipped to it. Raises ValueError if start > end.
     """
     start, end = window(start, end, now)
     counts = usage_counts(scope(org_ids, ENTERPRISE_ORG_IDS), user_ids, start, end)
