@@ -6,6 +6,7 @@
 
 from exporter.simulator.app import (
     DEFAULT_DEMO_KEY,
+    DEFAULT_V3_TOKEN,
     FAULTS_KEY,
     REQUESTS_KEY,
     CreateAppOptions,
@@ -18,9 +19,11 @@ from exporter.simulator.faults import MALFORMED_KINDS, Faults, MalformedKind
 from exporter.simulator.model import ENTERPRISE_ORG_IDS, INCEPTION, billing_cycle
 from exporter.simulator.query import parse_datetime
 from exporter.simulator.v2 import USAGE_FIELDS, USAGE_PATH, expected_usage
+from exporter.simulator.v3 import expected_queue
 
 __all__ = [
     "DEFAULT_DEMO_KEY",
+    "DEFAULT_V3_TOKEN",
     "ENTERPRISE_ORG_IDS",
     "FAULTS_KEY",
     "INCEPTION",
@@ -34,6 +37,7 @@ __all__ = [
     "RecordedRequest",
     "billing_cycle",
     "create_app",
+    "expected_queue",
     "expected_usage",
     "main",
     "parse_datetime",

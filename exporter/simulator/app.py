@@ -13,17 +13,18 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final, TypedDict, Unpack, cast
+from typing import Final, Literal, TypedDict, Unpack, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from exporter.simulator import v2
+from exporter.simulator import v2, v3
 from exporter.simulator.faults import Faults, malformed_body
-from exporter.simulator.route import Call, Invalid, JSONValue, Route
+from exporter.simulator.route import Call, ErrorEntry, Invalid, JSONValue, Route
 
 __all__ = [
     "DEFAULT_DEMO_KEY",
+    "DEFAULT_V3_TOKEN",
     "FAULTS_KEY",
     "REQUESTS_KEY",
     "CreateAppOptions",
@@ -34,6 +35,9 @@ __all__ = [
 ]
 
 DEFAULT_DEMO_KEY: Final = "apk_user_simulator"
+DEFAULT_V3_TOKEN: Final = "cog_simulator"
+# Every v3 credential has this prefix; v2 takes none of them, v3 nothing else.
+_V3_TOKEN_PREFIX: Final = "cog_"
 
 # Bounded so a long-running demo does not grow without limit; tests look at far fewer.
 _MAX_RECORDED_REQUESTS: Final = 10_000
@@ -84,6 +88,7 @@ class _TokenBucket:
 @dataclass
 class _State:
     api_key: str | None
+    v3_token: str | None
     clock: Callable[[], datetime]
     rng: random.Random
     shutdown: asyncio.Event = field(default_factory=asyncio.Event)
@@ -104,8 +109,55 @@ def _utc_now() -> datetime:
 # --------------------------------------------------------------------------------------------
 
 
+Version = Literal["v2", "v3"]
+
+
+def _version(path: str) -> Version:
+    return "v3" if path.startswith("/v3/") else "v2"
+
+
 def _detail(status: int, detail: JSONValue, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.json_response({"detail": detail}, status=status, headers=headers)
+
+
+def _problem(
+    status: int,
+    detail: str,
+    instance: str,
+    headers: Mapping[str, str] | None = None,
+    errors: list[ErrorEntry] | None = None,
+) -> web.Response:
+    """An RFC 9457 problem, as v3 answers errors; `errors` only on a 422."""
+    body: dict[str, JSONValue] = {
+        "type": "about:blank",
+        "title": http.HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "instance": instance,
+        "errors": None if errors is None else list[JSONValue](errors),
+    }
+    return web.json_response(body, status=status, headers=headers, content_type="application/problem+json")
+
+
+def _error(request: web.Request, status: int, detail: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    """An error reply in the shape of the request's API version: problem JSON on v3, FastAPI's on v2."""
+    if _version(request.path) == "v3":
+        return _problem(status, detail, request.path, headers, errors=[] if status == 422 else None)
+    return _detail(status, detail, headers)
+
+
+def _where(entry: ErrorEntry) -> str:
+    """An error entry's `loc` as `query.time_after`."""
+    loc = entry.get("loc")
+    return ".".join(str(part) for part in loc) if isinstance(loc, list) else "request"
+
+
+def _unprocessable(request: web.Request, errors: list[ErrorEntry]) -> web.Response:
+    if _version(request.path) == "v3":
+        # v3 keeps `detail` a string (the legacy list moved to `errors`).
+        summary = "; ".join(f"{_where(e)}: {e['msg']}" for e in errors)
+        return _problem(422, summary, request.path, errors=errors)
+    return _detail(422, list[JSONValue](errors))
 
 
 def _html_error(status: int) -> web.Response:
@@ -117,18 +169,26 @@ def _html_error(status: int) -> web.Response:
     )
 
 
-def _fault_status_response(status: int, retry_after: str | None) -> web.Response:
+_CHALLENGE: Final = {"WWW-Authenticate": "Bearer"}
+
+
+def _fault_status_response(request: web.Request, status: int, retry_after: str | None) -> web.Response:
     if status == 429:
         headers = {"Retry-After": retry_after} if retry_after is not None else None
-        return _detail(429, "Too Many Requests", headers)
+        return _error(request, 429, "Too Many Requests", headers)
     if status >= 500:
         # What a load balancer in front of the API sends, not FastAPI: HTML, not JSON.
         return _html_error(status)
+    v3_path = _version(request.path) == "v3"
     if status == 401:
-        return _detail(401, "Invalid API key", {"WWW-Authenticate": "Bearer"})
+        return _error(request, 401, "Invalid token" if v3_path else "Invalid API key", _CHALLENGE)
     if status == 403:
-        return _detail(403, "Enterprise admin API key required")
-    return _detail(status, http.HTTPStatus(status).phrase)
+        if not v3_path:
+            return _detail(403, "Enterprise admin API key required")
+        needed = v3.permission(request.path)
+        if needed is not None:
+            return _error(request, 403, f"The service user lacks the {needed} permission")
+    return _error(request, status, http.HTTPStatus(status).phrase)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +205,7 @@ def _query(request: web.Request) -> dict[str, list[str]]:
 
 @web.middleware
 async def _record_and_shape_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Record API traffic; answer routing errors with FastAPI's JSON, not aiohttp's text."""
+    """Record API traffic; answer routing errors as the API would (JSON per version), not as text."""
     record: RecordedRequest | None = None
     # The control plane is not traffic under test, and /-/requests would otherwise list itself.
     if not request.path.startswith("/-/"):
@@ -165,20 +225,28 @@ async def _record_and_shape_errors(request: web.Request, handler: Handler) -> we
                 record.status = exc.status
             raise
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        response = _detail(exc.status, exc.reason, allow)
+        response = _error(request, exc.status, exc.reason, allow)
     if record is not None:
         record.status = response.status
     return response
 
 
-def _check_bearer(request: web.Request, state: _State) -> web.Response | None:
+def _check_token(request: web.Request, state: _State) -> web.Response | None:
+    """401 unless the bearer token is the one this path's API version takes.
+
+    v3 paths take service-user tokens (`cog_`), v2 paths personal API keys: a token of the other
+    family is refused even when the app accepts any token (`api_key` / `v3_token` None).
+    """
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
-    challenge = {"WWW-Authenticate": "Bearer"}
     if scheme.lower() != "bearer" or not token:
-        return _detail(401, "Not authenticated", challenge)
-    if state.api_key is not None and not hmac.compare_digest(token.encode(), state.api_key.encode()):
-        return _detail(401, "Invalid API key", challenge)
+        return _error(request, 401, "Not authenticated", _CHALLENGE)
+    v3_path = _version(request.path) == "v3"
+    expected = state.v3_token if v3_path else state.api_key
+    if token.startswith(_V3_TOKEN_PREFIX) != v3_path or (
+        expected is not None and not hmac.compare_digest(token.encode(), expected.encode())
+    ):
+        return _error(request, 401, "Invalid token" if v3_path else "Invalid API key", _CHALLENGE)
     return None
 
 
@@ -196,10 +264,10 @@ def _rate_limited(request: web.Request, state: _State, faults: Faults) -> web.Re
     wait = bucket.take(now)
     if wait is None:
         return None
-    return _detail(429, "Too Many Requests", {"Retry-After": str(max(1, math.ceil(wait)))})
+    return _error(request, 429, "Too Many Requests", {"Retry-After": str(max(1, math.ceil(wait)))})
 
 
-async def _fault_response(state: _State, faults: Faults) -> web.Response | None:
+async def _fault_response(request: web.Request, state: _State, faults: Faults) -> web.Response | None:
     """What the faults answer instead of the API, or None to let the request through."""
     if faults.latency > 0:
         # Wake early on shutdown so a slow simulator never holds up a clean stop.
@@ -207,11 +275,11 @@ async def _fault_response(state: _State, faults: Faults) -> web.Response | None:
             await asyncio.wait_for(state.shutdown.wait(), faults.latency)
     if faults.hang:
         await state.shutdown.wait()
-        return _detail(503, "Simulator shutting down")
+        return _error(request, 503, "Simulator shutting down")
     if faults.redirect:
         return web.Response(status=302, headers={"Location": _LOGIN_PATH})
     if faults.status is not None:
-        return _fault_status_response(faults.status, faults.retry_after)
+        return _fault_status_response(request, faults.status, faults.retry_after)
     # Draw for every request, so the n-th request's fate depends only on the seed.
     if state.rng.random() < faults.error_rate:
         return _html_error(500)
@@ -225,9 +293,9 @@ def _api(route: Route) -> Handler:
         state = request.app[_STATE_KEY]
         faults = request.app[FAULTS_KEY]
         # Not `or`: a Response is a MutableMapping, and an empty one is falsy.
-        refused = await _fault_response(state, faults)
+        refused = await _fault_response(request, state, faults)
         if refused is None:
-            refused = _check_bearer(request, state)
+            refused = _check_token(request, state)
         if refused is None:
             refused = _rate_limited(request, state, faults)
         if refused is not None:
@@ -236,7 +304,7 @@ def _api(route: Route) -> Handler:
         try:
             reply = route.handler(call)
         except Invalid as exc:
-            return _detail(422, list[JSONValue](exc.errors))
+            return _unprocessable(request, exc.errors)
         if faults.malformed is not None:
             return web.Response(body=malformed_body(faults.malformed, reply), content_type="application/json")
         return web.json_response(reply.body)
@@ -299,21 +367,28 @@ async def _release_hung_requests(app: web.Application) -> None:
 def create_app(
     *,
     api_key: str | None = DEFAULT_DEMO_KEY,
+    v3_token: str | None = DEFAULT_V3_TOKEN,
     faults: Faults | None = None,
     clock: Callable[[], datetime] | None = None,
     seed: int = 0,
 ) -> web.Application:
     """The simulator as an aiohttp app.
 
-    `api_key=None` accepts any bearer token (the header is still required). `clock` returns
-    the current time (aware, or naive meaning UTC) for counts, rate limiting and records.
-    `seed` makes the `error_rate` fault reproducible.
+    `api_key` is the bearer token /v2 paths take, `v3_token` the one /v3 paths take (a `cog_`
+    token). `api_key=None` accepts any token but a `cog_` one, `v3_token=None` any `cog_` token;
+    the header is always required. `clock` returns the current time (aware, or naive meaning
+    UTC) for every number, rate limiting and records. `seed` makes `error_rate` reproducible.
+    Raises ValueError for an `api_key` of the v3 family or a `v3_token` outside it.
     """
+    if api_key is not None and api_key.startswith(_V3_TOKEN_PREFIX):
+        raise ValueError(f"api_key is for /v2 paths, which refuse {_V3_TOKEN_PREFIX} tokens")
+    if v3_token is not None and not v3_token.startswith(_V3_TOKEN_PREFIX):
+        raise ValueError(f"v3_token must start with {_V3_TOKEN_PREFIX}")
     app = web.Application(middlewares=[_record_and_shape_errors])
     app[FAULTS_KEY] = faults if faults is not None else Faults()
     app[REQUESTS_KEY] = collections.deque(maxlen=_MAX_RECORDED_REQUESTS)
-    app[_STATE_KEY] = _State(api_key=api_key, clock=clock or _utc_now, rng=random.Random(seed))
-    for route in v2.ROUTES:
+    app[_STATE_KEY] = _State(api_key=api_key, v3_token=v3_token, clock=clock or _utc_now, rng=random.Random(seed))
+    for route in (*v2.ROUTES, *v3.ROUTES):
         app.router.add_get(route.path, _api(route))
     app.router.add_get(_LOGIN_PATH, _login)
     app.router.add_get("/-/faults", _get_faults)
@@ -334,6 +409,7 @@ class CreateAppOptions(TypedDict, total=False):
     """Keyword arguments of create_app, for start_simulator."""
 
     api_key: str | None
+    v3_token: str | None
     faults: Faults | None
     clock: Callable[[], datetime] | None
     seed: int

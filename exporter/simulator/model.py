@@ -19,6 +19,7 @@ __all__ = [
     "billing_cycle",
     "billing_cycles",
     "billing_day_start",
+    "queue_size",
     "scope",
     "usage_counts",
     "window",
@@ -193,3 +194,12 @@ def usage_counts(
             totals[i] += at_end[i] - at_start[i]
     sessions, searches, opened, closed, merged = totals
     return sessions, searches, opened, closed, merged
+
+
+def queue_size(now: datetime) -> int:
+    """Sessions waiting (new, resuming, claimed) at `now`: a daily wave from 0 to about 75, peaking
+    in the US working day, with a jitter that changes every minute; so the queue's status goes
+    through normal, elevated and high every day."""
+    h = _hours(as_utc(now))
+    jitter = 12.0 * _unit("queue", str(math.floor(h * 60.0))) - 6.0
+    return max(0, round(31.0 + 38.0 * math.sin(2.0 * math.pi * (h - 14.0) / 24.0) + jitter))
