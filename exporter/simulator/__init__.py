@@ -8,6 +8,7 @@ from exporter.simulator.app import (
     DEFAULT_DEMO_KEY,
     DEFAULT_V3_TOKEN,
     FAULTS_KEY,
+    ORGANIZATIONS_KEY,
     REQUESTS_KEY,
     CreateAppOptions,
     RecordedRequest,
@@ -16,27 +17,38 @@ from exporter.simulator.app import (
 )
 from exporter.simulator.cli import main
 from exporter.simulator.faults import MALFORMED_KINDS, Faults, MalformedKind
-from exporter.simulator.model import ENTERPRISE_ORG_IDS, INCEPTION, billing_cycle
+from exporter.simulator.model import (
+    DEFAULT_ORGANIZATIONS,
+    ENTERPRISE_ORG_IDS,
+    INCEPTION,
+    Organization,
+    billing_cycle,
+)
 from exporter.simulator.query import parse_datetime
-from exporter.simulator.v2 import USAGE_FIELDS, USAGE_PATH, expected_usage
-from exporter.simulator.v3 import expected_queue
+from exporter.simulator.v2 import USAGE_FIELDS, USAGE_PATH, expected_organizations_v2, expected_usage
+from exporter.simulator.v3 import expected_organizations_v3, expected_queue
 
 __all__ = [
     "DEFAULT_DEMO_KEY",
+    "DEFAULT_ORGANIZATIONS",
     "DEFAULT_V3_TOKEN",
     "ENTERPRISE_ORG_IDS",
     "FAULTS_KEY",
     "INCEPTION",
     "MALFORMED_KINDS",
+    "ORGANIZATIONS_KEY",
     "REQUESTS_KEY",
     "USAGE_FIELDS",
     "USAGE_PATH",
     "CreateAppOptions",
     "Faults",
     "MalformedKind",
+    "Organization",
     "RecordedRequest",
     "billing_cycle",
     "create_app",
+    "expected_organizations_v2",
+    "expected_organizations_v3",
     "expected_queue",
     "expected_usage",
     "main",

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hmac
 import http
 import json
 import math
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, Literal, TypedDict, Unpack, cast
@@ -20,12 +21,14 @@ from aiohttp.typedefs import Handler
 
 from exporter.simulator import v2, v3
 from exporter.simulator.faults import Faults, malformed_body
+from exporter.simulator.model import DEFAULT_ORGANIZATIONS, Organization, as_utc, created_at
 from exporter.simulator.route import Call, ErrorEntry, Invalid, JSONValue, Route
 
 __all__ = [
     "DEFAULT_DEMO_KEY",
     "DEFAULT_V3_TOKEN",
     "FAULTS_KEY",
+    "ORGANIZATIONS_KEY",
     "REQUESTS_KEY",
     "CreateAppOptions",
     "RecordedRequest",
@@ -91,12 +94,15 @@ class _State:
     v3_token: str | None
     clock: Callable[[], datetime]
     rng: random.Random
+    page_size: int
     shutdown: asyncio.Event = field(default_factory=asyncio.Event)
     buckets: dict[str, _TokenBucket] = field(default_factory=dict)
 
 
 FAULTS_KEY: Final = web.AppKey("simulator_faults", Faults)
 REQUESTS_KEY: Final = web.AppKey("simulator_requests", collections.deque[RecordedRequest])
+# The enterprise's organizations, in listing order; tests may change the list in place.
+ORGANIZATIONS_KEY: Final = web.AppKey("simulator_organizations", list[Organization])
 _STATE_KEY: Final = web.AppKey("simulator_state", _State)
 
 
@@ -300,7 +306,15 @@ def _api(route: Route) -> Handler:
             refused = _rate_limited(request, state, faults)
         if refused is not None:
             return refused
-        call = Call(path=request.path, query=_query(request), params=dict(request.match_info), now=state.clock())
+        organizations: list[Organization] = request.app[ORGANIZATIONS_KEY]
+        call = Call(
+            path=request.path,
+            query=_query(request),
+            params=dict(request.match_info),
+            now=state.clock(),
+            organizations=tuple(organizations),
+            page_size=state.page_size,
+        )
         try:
             reply = route.handler(call)
         except Invalid as exc:
@@ -359,6 +373,74 @@ async def _delete_requests(request: web.Request) -> web.StreamResponse:
     return web.json_response([])
 
 
+_ORGANIZATION_FIELDS: Final = ("org_id", "name", "max_cycle_acu_limit", "max_session_acu_limit")
+
+
+def _organization_json(org: Organization) -> dict[str, JSONValue]:
+    return {name: cast(JSONValue, getattr(org, name)) for name in _ORGANIZATION_FIELDS}
+
+
+def _read_organization(entry: object, where: str) -> Organization:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be an object")
+    fields = cast(dict[str, object], entry)
+    unknown = sorted(set(fields) - set(_ORGANIZATION_FIELDS))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(_ORGANIZATION_FIELDS)}")
+    org_id, name = fields.get("org_id"), fields.get("name")
+    for key, text in (("org_id", org_id), ("name", name)):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}.{key} must be a non-empty string")
+    cycle, session = fields.get("max_cycle_acu_limit"), fields.get("max_session_acu_limit")
+    for key, limit in (("max_cycle_acu_limit", cycle), ("max_session_acu_limit", session)):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise ValueError(f"{where}.{key} must be null or an integer >= 0")
+    return Organization(cast(str, org_id), cast(str, name), cast(int | None, cycle), cast(int | None, session))
+
+
+def _read_organizations(body: object, current: Sequence[Organization], now: datetime) -> list[Organization]:
+    """The list a PUT /-/organizations asks for; raises ValueError naming the first bad entry.
+
+    An org new to the list is created now; one whose name or limits change is updated now; the
+    others keep their timestamps.
+    """
+    if not isinstance(body, list):
+        raise ValueError("body must be a JSON list of organizations")
+    known = {org.org_id: org for org in current}
+    now = as_utc(now).replace(microsecond=0)
+    result: dict[str, Organization] = {}
+    for i, entry in enumerate(cast(list[object], body)):
+        org = _read_organization(entry, f"organizations[{i}]")
+        if org.org_id in result:
+            raise ValueError(f"organizations[{i}].org_id {org.org_id!r} is listed twice")
+        before = known.get(org.org_id)
+        if before is None:
+            org = dataclasses.replace(org, created_at=now, updated_at=now)
+        elif _organization_json(before) == _organization_json(org):
+            org = before
+        else:
+            org = dataclasses.replace(org, created_at=created_at(before), updated_at=now)
+        result[org.org_id] = org
+    return list(result.values())
+
+
+async def _get_organizations(request: web.Request) -> web.StreamResponse:
+    return web.json_response([_organization_json(org) for org in request.app[ORGANIZATIONS_KEY]])
+
+
+async def _put_organizations(request: web.Request) -> web.StreamResponse:
+    try:
+        body: object = await request.json()
+    except json.JSONDecodeError as exc:
+        return _detail(400, f"body is not JSON: {exc}")
+    organizations = request.app[ORGANIZATIONS_KEY]
+    try:
+        organizations[:] = _read_organizations(body, organizations, request.app[_STATE_KEY].clock())
+    except ValueError as exc:
+        return _detail(400, str(exc))
+    return await _get_organizations(request)
+
+
 async def _release_hung_requests(app: web.Application) -> None:
     # on_shutdown runs before the runner waits for in-flight handlers, so hung ones end now.
     app[_STATE_KEY].shutdown.set()
@@ -371,6 +453,8 @@ def create_app(
     faults: Faults | None = None,
     clock: Callable[[], datetime] | None = None,
     seed: int = 0,
+    organizations: Sequence[Organization] = DEFAULT_ORGANIZATIONS,
+    page_size: int = 2,
 ) -> web.Application:
     """The simulator as an aiohttp app.
 
@@ -378,8 +462,13 @@ def create_app(
     token). `api_key=None` accepts any token but a `cog_` one, `v3_token=None` any `cog_` token;
     the header is always required. `clock` returns the current time (aware, or naive meaning
     UTC) for every number, rate limiting and records. `seed` makes `error_rate` reproducible.
-    Raises ValueError for an `api_key` of the v3 family or a `v3_token` outside it.
+    `organizations` is the enterprise's initial list (ORGANIZATIONS_KEY holds it, `/-/organizations`
+    changes it). `page_size` caps the items of a list page below what a client asks for, so a
+    client must really follow the pages. Raises ValueError for an `api_key` of the v3 family, a
+    `v3_token` outside it, or a `page_size` below 1.
     """
+    if page_size < 1:
+        raise ValueError("page_size must be at least 1")
     if api_key is not None and api_key.startswith(_V3_TOKEN_PREFIX):
         raise ValueError(f"api_key is for /v2 paths, which refuse {_V3_TOKEN_PREFIX} tokens")
     if v3_token is not None and not v3_token.startswith(_V3_TOKEN_PREFIX):
@@ -387,7 +476,10 @@ def create_app(
     app = web.Application(middlewares=[_record_and_shape_errors])
     app[FAULTS_KEY] = faults if faults is not None else Faults()
     app[REQUESTS_KEY] = collections.deque(maxlen=_MAX_RECORDED_REQUESTS)
-    app[_STATE_KEY] = _State(api_key=api_key, v3_token=v3_token, clock=clock or _utc_now, rng=random.Random(seed))
+    app[ORGANIZATIONS_KEY] = list(organizations)
+    app[_STATE_KEY] = _State(
+        api_key=api_key, v3_token=v3_token, clock=clock or _utc_now, rng=random.Random(seed), page_size=page_size
+    )
     for route in (*v2.ROUTES, *v3.ROUTES):
         app.router.add_get(route.path, _api(route))
     app.router.add_get(_LOGIN_PATH, _login)
@@ -396,6 +488,8 @@ def create_app(
     app.router.add_delete("/-/faults", _delete_faults)
     app.router.add_get("/-/requests", _get_requests)
     app.router.add_delete("/-/requests", _delete_requests)
+    app.router.add_get("/-/organizations", _get_organizations)
+    app.router.add_put("/-/organizations", _put_organizations)
     app.on_shutdown.append(_release_hung_requests)
     return app
 
@@ -413,6 +507,8 @@ class CreateAppOptions(TypedDict, total=False):
     faults: Faults | None
     clock: Callable[[], datetime] | None
     seed: int
+    organizations: Sequence[Organization]
+    page_size: int
 
 
 # Hung and slow handlers are released on shutdown, so this only bounds the unexpected.

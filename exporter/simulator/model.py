@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Iterable, Sequence
@@ -12,36 +13,65 @@ from typing import Final
 __all__ = [
     "BILLING_CYCLE_DAY",
     "BILLING_DAY_START",
+    "DEFAULT_ORGANIZATIONS",
     "ENTERPRISE_ORG_IDS",
     "EPOCH",
     "INCEPTION",
+    "Membership",
+    "Organization",
     "as_utc",
     "billing_cycle",
     "billing_cycles",
     "billing_day_start",
+    "created_at",
+    "membership",
     "queue_size",
     "scope",
+    "updated_at",
     "usage_counts",
     "window",
 ]
 
 EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
-# "No org_ids" means the whole enterprise. It holds the org ids of the built-in demo config and of
-# the SPEC's example, so those org sets are subsets of the enterprise, as they would be upstream.
-ENTERPRISE_ORG_IDS: Final = (
-    "org-platform-1",
-    "org-platform-2",
-    "org-mobile",
-    "org-123",
-    "org-456",
-    "org-789",
-)
-
-
 def as_utc(t: datetime) -> datetime:
     """Naive means UTC, as the upstream API treats timezone-less query values."""
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+# --------------------------------------------------------------------------------------------
+# Organizations
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Organization:
+    """One organization of the enterprise, as the organizations endpoints list it.
+
+    `created_at` / `updated_at` of None stand for stable instants derived from the org id (see
+    `created_at()` and `updated_at()`), so a test can write `Organization("org-x", "X")`.
+    """
+
+    org_id: str
+    name: str
+    max_cycle_acu_limit: int | None = None
+    max_session_acu_limit: int | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+# Names are what a dashboard shows; limits are in ACUs, null where an org has none.
+DEFAULT_ORGANIZATIONS: Final = (
+    Organization("org-platform-1", "Platform", 60_000, 400),
+    Organization("org-platform-2", "Platform Data"),
+    Organization("org-mobile", "Mobile", 40_000, 250),
+    Organization("org-123", "Payments", None, 150),
+    Organization("org-456", "Growth", 25_000),
+    Organization("org-789", "Support Tools"),
+)
+# The ids of the default organizations: the built-in demo config's and the SPEC example's, so
+# those org sets are subsets of the enterprise, as they would be upstream.
+ENTERPRISE_ORG_IDS: Final = tuple(o.org_id for o in DEFAULT_ORGANIZATIONS)
 
 
 def scope(org_ids: Iterable[str], enterprise_org_ids: Sequence[str]) -> list[str]:
@@ -105,6 +135,44 @@ def window(start: datetime | None, end: datetime | None, now: datetime) -> tuple
         raise ValueError("start must not be after end")
     end = min(end, now)
     return min(start, end), end
+
+
+def _seconds(t: datetime) -> datetime:
+    return t.replace(microsecond=0)
+
+
+def created_at(org: Organization) -> datetime:
+    """When the organization was created: its own value, else a stable day in the enterprise's
+    first 300 days."""
+    if org.created_at is not None:
+        return as_utc(org.created_at)
+    return _seconds(INCEPTION + timedelta(days=300 * _unit("created", org.org_id)))
+
+
+def updated_at(org: Organization) -> datetime:
+    """When it last changed: its own value, else a stable instant within 60 days of creation."""
+    if org.updated_at is not None:
+        return as_utc(org.updated_at)
+    return _seconds(created_at(org) + timedelta(days=60 * _unit("updated", org.org_id)))
+
+
+@dataclass(frozen=True)
+class Membership:
+    """Head counts of one organization: admins <= members and users <= members."""
+
+    admins: int
+    members: int
+    users: int  # members who have used Devin at least once
+
+
+@functools.lru_cache(maxsize=4096)
+def membership(org_id: str) -> Membership:
+    members = 12 + math.floor(140 * _unit("members", org_id))
+    return Membership(
+        admins=1 + math.floor(4 * _unit("admins", org_id)),
+        members=members,
+        users=math.ceil(members * (0.6 + 0.35 * _unit("users", org_id))),
+    )
 
 
 # The daily wave's relative amplitude. Below 1 so the cumulative curve's slope,

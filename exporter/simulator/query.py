@@ -1,16 +1,17 @@
-"""Query values read and refused as FastAPI (pydantic v2) would: datetimes and their 422 entries."""
+"""Query values read and refused as FastAPI (pydantic v2) would: datetimes, integers, 422 entries."""
 
 from __future__ import annotations
 
 import calendar
 import re
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Final
 
 from exporter.simulator.model import EPOCH, as_utc
-from exporter.simulator.route import ErrorEntry, JSONValue
+from exporter.simulator.route import ErrorEntry, Invalid, JSONValue
 
-__all__ = ["parse_datetime", "validation_error"]
+__all__ = ["QueryReader", "parse_datetime", "validation_error"]
 
 
 class _DateParseError(ValueError):
@@ -129,3 +130,57 @@ def validation_error(
     if ctx is not None:
         entry["ctx"] = ctx
     return entry
+
+
+# pydantic's lax int from a string: an optional sign and digits, surrounding whitespace allowed.
+_INT_RE: Final = re.compile(r"\s*[+-]?\d+\s*", re.ASCII)
+
+
+class QueryReader:
+    """Reads a query's parameters, collecting every validation error as FastAPI would report them.
+
+    Each reader method returns a placeholder when the value is bad; call `check()` before using
+    the values, which raises Invalid with all the errors in the order the parameters were read.
+    """
+
+    def __init__(self, query: Mapping[str, Sequence[str]]) -> None:
+        self._query = query
+        self.errors: list[ErrorEntry] = []
+
+    def last(self, name: str) -> str | None:
+        """A scalar parameter: like Starlette, the last of repeated keys wins."""
+        values = self._query.get(name, ())
+        return values[-1] if values else None
+
+    def strings(self, name: str) -> list[str]:
+        """An array parameter: every value of the repeated key, in order."""
+        return list(self._query.get(name, ()))
+
+    def integer(self, name: str, default: int | None, *, ge: int | None = None, le: int | None = None) -> int:
+        """An `int` parameter (required when `default` is None) with optional bounds."""
+        raw = self.last(name)
+        if raw is None:
+            if default is None:
+                self.errors.append(validation_error("missing", name, "Field required", None))
+                return 0
+            return default
+        if _INT_RE.fullmatch(raw) is None:
+            message = "Input should be a valid integer, unable to parse string as an integer"
+            self.errors.append(validation_error("int_parsing", name, message, raw))
+            return 0
+        value = int(raw)
+        if ge is not None and value < ge:
+            message = f"Input should be greater than or equal to {ge}"
+            self.errors.append(validation_error("greater_than_equal", name, message, raw, {"ge": ge}))
+        elif le is not None and value > le:
+            message = f"Input should be less than or equal to {le}"
+            self.errors.append(validation_error("less_than_equal", name, message, raw, {"le": le}))
+        return value
+
+    def optional_integer(self, name: str) -> int | None:
+        """An `int | None` parameter: None when absent."""
+        return None if self.last(name) is None else self.integer(name, 0)
+
+    def check(self) -> None:
+        if self.errors:
+            raise Invalid(self.errors)

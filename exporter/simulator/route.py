@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TypeAlias
 
+from exporter.simulator.model import Organization
+
 __all__ = ["Call", "ErrorEntry", "Invalid", "JSONPath", "JSONValue", "Reply", "Route"]
 
 JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
@@ -22,6 +24,13 @@ class Call:
     query: Mapping[str, Sequence[str]]  # every value of a repeated key, in order
     params: Mapping[str, str]  # path parameters
     now: datetime
+    organizations: tuple[Organization, ...]  # the enterprise's, as listed now
+    page_size: int  # the most items a list page holds, whatever the client asks for
+
+    @property
+    def enterprise_org_ids(self) -> tuple[str, ...]:
+        """What "no org_ids" means: every organization currently listed."""
+        return tuple(o.org_id for o in self.organizations)
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,30 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Final
 
-from exporter.simulator.model import ENTERPRISE_ORG_IDS, scope, usage_counts, window
-from exporter.simulator.query import parse_datetime, validation_error
-from exporter.simulator.route import Call, ErrorEntry, Invalid, JSONValue, Reply, Route
+from exporter.simulator.model import (
+    ENTERPRISE_ORG_IDS,
+    Organization,
+    created_at,
+    membership,
+    scope,
+    usage_counts,
+    window,
+)
+from exporter.simulator.query import QueryReader, parse_datetime, validation_error
+from exporter.simulator.route import Call, ErrorEntry, Invalid, JSONPath, JSONValue, Reply, Route
 
-__all__ = ["ROUTES", "USAGE_FIELDS", "USAGE_PATH", "expected_usage"]
+__all__ = [
+    "ORGANIZATIONS_PATH",
+    "ROUTES",
+    "USAGE_FIELDS",
+    "USAGE_PATH",
+    "expected_organizations_v2",
+    "expected_usage",
+    "rfc3339",
+]
 
 USAGE_PATH: Final = "/v2/enterprise/metrics/usage"
+ORGANIZATIONS_PATH: Final = "/v2/enterprise/organizations"
 USAGE_FIELDS: Final = ("sessions_count", "searches_count", "prs_opened", "prs_closed", "prs_merged")
 
 
@@ -23,15 +40,19 @@ def expected_usage(
     end: datetime | None,
     *,
     now: datetime,
+    enterprise_org_ids: Sequence[str] = ENTERPRISE_ORG_IDS,
 ) -> dict[str, int]:
-    """The exact counts the simulated endpoint returns for this query at time `now`.
+    """The exact counts GET /v2/enterprise/metrics/usage returns for this query at time `now`.
+
+    No `org_ids` means the whole enterprise: `enterprise_org_ids`, the ids of the organizations
+    the app lists (the default ones unless a test changed them).
 
     A missing `start` is the start of `now`'s billing cycle (the 5th of the month at 08:00 UTC,
     see `billing_cycle`), a missing `end` is `now`; together that is the cycle so far. Nothing has
     happened after `now`, so the window is clipped to it. Raises ValueError if start > end.
     """
     start, end = window(start, end, now)
-    counts = usage_counts(scope(org_ids, ENTERPRISE_ORG_IDS), user_ids, start, end)
+    counts = usage_counts(scope(org_ids, enterprise_org_ids), user_ids, start, end)
     return dict(zip(USAGE_FIELDS, counts, strict=True))
 
 
@@ -92,8 +113,73 @@ def _usage(call: Call) -> Reply:
     start, end = _read_window(call)
     # An end in the future is accepted and counts stop at "now": a clock-skewed exporter
     # should see plausible numbers, not an error upstream never documented.
-    counts = expected_usage(call.query.get("org_ids", ()), call.query.get("user_ids", ()), start, end, now=call.now)
+    counts = expected_usage(
+        call.query.get("org_ids", ()),
+        call.query.get("user_ids", ()),
+        start,
+        end,
+        now=call.now,
+        enterprise_org_ids=call.enterprise_org_ids,
+    )
     return Reply(dict[str, JSONValue](counts), lead=("sessions_count",), required=("prs_merged",))
 
 
-ROUTES: Final = (Route(USAGE_PATH, _usage),)
+def rfc3339(t: datetime) -> str:
+    """A UTC instant as v2 writes date-times: `2026-11-24T18:00:00Z`."""
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _page(call: Call, items: Sequence[JSONValue], lead: JSONPath, required: JSONPath) -> Reply:
+    """One page of a v2 list: `skip` (>= 0) and `limit` (1-200), at most `call.page_size` items.
+
+    The envelope echoes the `limit` asked for, so a client that steps by it instead of by
+    `next_cursor` skips items, as it would upstream when a page comes back short.
+    """
+    reader = QueryReader(call.query)
+    skip = reader.integer("skip", 0, ge=0)
+    limit = reader.integer("limit", 100, ge=1, le=200)
+    reader.check()
+    page = list(items[skip : skip + min(limit, call.page_size)])
+    has_more = skip + len(page) < len(items)
+    body: dict[str, JSONValue] = {
+        "items": page,
+        "total": len(items),
+        "skip": skip,
+        "limit": limit,
+        "has_more": has_more,
+        "next_cursor": skip + len(page) if has_more else None,
+    }
+    if not page:
+        return Reply(body, lead=("total",), required=("items",))
+    return Reply(body, lead=("items", 0, *lead), required=("items", 0, *required))
+
+
+def expected_organizations_v2(organizations: Sequence[Organization]) -> list[JSONValue]:
+    """Every item GET /v2/enterprise/organizations lists for these organizations, all pages in order.
+
+    `org_admin_count` <= `org_member_count`, and `org_user_count` (members who have used Devin)
+    <= `org_member_count`; the counts are stable per org id.
+    """
+    items: list[JSONValue] = []
+    for org in organizations:
+        heads = membership(org.org_id)
+        items.append(
+            {
+                "org_id": org.org_id,
+                "org_name": org.name,
+                "created_at": rfc3339(created_at(org)),
+                "max_cycle_acu_limit": org.max_cycle_acu_limit,
+                "max_session_acu_limit": org.max_session_acu_limit,
+                "org_admin_count": heads.admins,
+                "org_member_count": heads.members,
+                "org_user_count": heads.users,
+            }
+        )
+    return items
+
+
+def _organizations(call: Call) -> Reply:
+    return _page(call, expected_organizations_v2(call.organizations), ("max_cycle_acu_limit",), ("org_id",))
+
+
+ROUTES: Final = (Route(USAGE_PATH, _usage), Route(ORGANIZATIONS_PATH, _organizations))
