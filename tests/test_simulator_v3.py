@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from exporter.simulator import (
     DEFAULT_DEMO_KEY,
@@ -21,10 +23,15 @@ from exporter.simulator import (
     Faults,
     Organization,
     create_app,
+    expected_active_users,
     expected_organizations_v2,
     expected_organizations_v3,
+    expected_prs,
     expected_queue,
+    expected_searches,
+    expected_sessions,
     expected_usage,
+    expected_usage_v3,
 )
 
 NOW = datetime(2026, 11, 24, 18, 7, 30, tzinfo=UTC)
@@ -33,6 +40,14 @@ V3_AUTH = {"Authorization": f"Bearer {DEFAULT_V3_TOKEN}"}
 QUEUE = "/v3/enterprise/queue"
 V2_ORGS = "/v2/enterprise/organizations"
 V3_ORGS = "/v3/enterprise/organizations"
+SESSIONS = "/v3/enterprise/metrics/sessions"
+PRS = "/v3/enterprise/metrics/prs"
+SEARCHES = "/v3/enterprise/metrics/searches"
+ACTIVE = "/v3/enterprise/metrics/active-users"
+V3_USAGE = "/v3/enterprise/metrics/usage"
+METRICS = (SESSIONS, PRS, SEARCHES, ACTIVE)
+B = int(NOW.timestamp())  # NOW as v3 writes it
+DAY = 86400
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[[web.Application], Awaitable[Client]]
@@ -88,6 +103,20 @@ async def ok(client: Client, path: str, params: Params = ()) -> JSON:
     assert status == 200, body
     assert isinstance(body, dict)
     return body
+
+
+def bounds(after: int, before: int, org_ids: Sequence[str] = (), user_ids: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """v3 query params: Unix-second bounds and arrays as repeated keys."""
+    return [
+        ("time_after", str(after)),
+        ("time_before", str(before)),
+        *(("org_ids", o) for o in org_ids),
+        *(("user_ids", u) for u in user_ids),
+    ]
+
+
+def at(seconds: int) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
 
 
 async def pages_v2(client: Client, path: str, limit: int = 200, params: Params = ()) -> list[JSON]:
@@ -410,3 +439,218 @@ async def test_organizations_control_endpoint_rejects_bad_lists_without_applying
     assert app[ORGANIZATIONS_KEY] == list(DEFAULT_ORGANIZATIONS)
     async with client.put("/-/organizations", data=b"{not json") as resp:
         assert resp.status == 400
+
+
+# ------------------------------------------------------------------------ v3 metrics: 422s
+
+
+@pytest.mark.parametrize("path", METRICS)
+async def test_metrics_without_bounds_are_a_422_naming_both(client: Client, path: str) -> None:
+    status, body = await get(client, path, [("org_ids", "org-123")])
+    assert status == 422
+    problem = assert_problem(body, 422, path)
+    assert [(e["loc"], e["type"], e["msg"]) for e in problem["errors"]] == [
+        (["query", "time_after"], "missing", "Field required"),
+        (["query", "time_before"], "missing", "Field required"),
+    ]
+    assert problem["detail"] == "query.time_after: Field required; query.time_before: Field required"
+
+
+@pytest.mark.parametrize("path", METRICS)
+@pytest.mark.parametrize("value", ["2026-11-24T18:00:00Z", "1.5", "", "soon"])
+async def test_metrics_with_non_integer_bounds_are_a_422(client: Client, path: str, value: str) -> None:
+    status, body = await get(client, path, [("time_after", value), ("time_before", str(B))])
+    assert status == 422
+    [entry] = assert_problem(body, 422, path)["errors"]
+    assert entry["loc"] == ["query", "time_after"]
+    assert entry["type"] == "int_parsing"
+    assert entry["input"] == value
+
+
+@pytest.mark.parametrize("path", [*METRICS, V3_USAGE])
+async def test_metrics_with_after_past_before_are_a_422(client: Client, path: str) -> None:
+    status, body = await get(client, path, bounds(B, B - 1))
+    assert status == 422
+    [entry] = assert_problem(body, 422, path)["errors"]
+    assert (entry["loc"], entry["type"]) == (["query", "time_after"], "value_error")
+
+
+@pytest.mark.parametrize(("name", "value"), [("min_sessions", "-1"), ("min_searches", "x")])
+async def test_active_users_minimums_are_integers_from_zero(client: Client, name: str, value: str) -> None:
+    status, body = await get(client, ACTIVE, [*bounds(B - DAY, B), (name, value)])
+    assert status == 422
+    [entry] = assert_problem(body, 422, ACTIVE)["errors"]
+    assert entry["loc"] == ["query", name]
+
+
+async def test_every_bad_parameter_is_reported_at_once_in_declaration_order(client: Client) -> None:
+    status, body = await get(client, ACTIVE, [("min_searches", "-3"), ("time_before", "later")])
+    assert status == 422
+    errors = assert_problem(body, 422, ACTIVE)["errors"]
+    assert [e["loc"][1] for e in errors] == ["time_after", "time_before", "min_searches"]
+
+
+# ---------------------------------------------------------------------- v3 metrics: values
+
+
+async def test_metrics_routes_serve_what_the_expected_helpers_say(client: Client) -> None:
+    orgs, users = ["org-123", "org-mobile"], ["user-1", "user-2"]
+    params = bounds(B - 7 * DAY, B, orgs, users)
+    assert await ok(client, SESSIONS, params) == expected_sessions(orgs, users, B - 7 * DAY, B, now=NOW)
+    assert await ok(client, PRS, params) == expected_prs(orgs, users, B - 7 * DAY, B, now=NOW)
+    # searches takes no user_ids: the parameter is ignored, as FastAPI ignores unknown ones.
+    assert await ok(client, SEARCHES, params) == expected_searches(orgs, B - 7 * DAY, B, now=NOW)
+    extra = [("min_sessions", "2"), ("min_searches", "4")]
+    assert await ok(client, ACTIVE, [*params, *extra]) == expected_active_users(
+        orgs, B - 7 * DAY, B, now=NOW, min_sessions=2, min_searches=4
+    )
+    assert await ok(client, V3_USAGE, params[:2]) == expected_usage_v3(B - 7 * DAY, B, now=NOW)
+
+
+async def test_sessions_metrics_have_the_documented_shape(client: Client) -> None:
+    body = await ok(client, SESSIONS, bounds(B - DAY, B))
+    assert set(body) == {
+        "sessions_created_count", "sessions_created_with_playbook_count", "sessions_created_with_search_count",
+        "sessions_with_merged_prs_count", "avg_acus_per_session", "sessions_created_by_origin",
+        "sessions_created_by_size", "sessions_with_merged_prs_by_size",
+    }  # fmt: skip
+    assert set(body["sessions_created_by_origin"]) == {
+        "api", "automation", "desktop", "jira", "linear", "slack", "teams", "webapp"
+    }  # fmt: skip
+    assert set(body["sessions_created_by_size"]) == set(body["sessions_with_merged_prs_by_size"]) == {
+        "xs", "s", "m", "l", "xl"
+    }  # fmt: skip
+    assert isinstance(body["avg_acus_per_session"], float)
+    assert body["sessions_created_count"] > 0
+
+
+async def test_v3_usage_defaults_to_the_billing_cycle_and_agrees_with_v2(client: Client) -> None:
+    body = await ok(client, V3_USAGE)
+    v2 = expected_usage([], [], None, None, now=NOW)
+    cycle_start = int(datetime(2026, 11, 5, 8, tzinfo=UTC).timestamp())
+    assert body == {
+        "sessions_count": v2["sessions_count"],
+        "searches_count": v2["searches_count"],
+        "prs_created_count": expected_prs([], [], cycle_start, B, now=NOW)["prs_created_count"],
+        "prs_merged_count": v2["prs_merged"],
+    }
+
+
+async def test_metrics_stop_at_now(client: Client, clock: FakeClock) -> None:
+    future = await ok(client, SESSIONS, bounds(B - DAY, B + DAY))
+    assert future == await ok(client, SESSIONS, bounds(B - DAY, B))
+    clock.advance(3600)
+    assert (await ok(client, SESSIONS, bounds(B - DAY, B + DAY)))["sessions_created_count"] > future[
+        "sessions_created_count"
+    ]
+
+
+ORG_POOL = [*ENTERPRISE_ORG_IDS, "org-x", "org-y"]
+org_lists = st.lists(st.sampled_from(ORG_POOL), max_size=4)
+user_lists = st.lists(st.sampled_from([f"user-{i}" for i in range(1, 20)]), max_size=3)
+# Windows within the last 90 days of NOW, sometimes reaching past it.
+windows = st.tuples(st.integers(0, 90 * DAY), st.integers(0, 30 * DAY)).map(
+    lambda w: (B - w[0], B - w[0] + w[1])
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(org_ids=org_lists, user_ids=user_lists, window=windows)
+def test_v3_counts_equal_v2_usage_for_the_same_bounds_and_filters(
+    org_ids: list[str], user_ids: list[str], window: tuple[int, int]
+) -> None:
+    after, before = window
+    v2 = expected_usage(org_ids, user_ids, at(after), at(before), now=NOW)
+    sessions = expected_sessions(org_ids, user_ids, after, before, now=NOW)
+    prs = expected_prs(org_ids, user_ids, after, before, now=NOW)
+    assert sessions["sessions_created_count"] == v2["sessions_count"]
+    assert (prs["prs_opened_count"], prs["prs_closed_count"], prs["prs_merged_count"]) == (
+        v2["prs_opened"],
+        v2["prs_closed"],
+        v2["prs_merged"],
+    )
+    v2_searches = expected_usage(org_ids, [], at(after), at(before), now=NOW)["searches_count"]
+    assert expected_searches(org_ids, after, before, now=NOW) == {"searches_created_count": v2_searches}
+
+
+@settings(max_examples=150, deadline=None)
+@given(org_ids=org_lists, user_ids=user_lists, window=windows)
+def test_session_details_never_exceed_sessions_and_breakdowns_sum_to_them(
+    org_ids: list[str], user_ids: list[str], window: tuple[int, int]
+) -> None:
+    body = expected_sessions(org_ids, user_ids, *window, now=NOW)
+    sessions = body["sessions_created_count"]
+    assert isinstance(sessions, int)
+    for name in ("sessions_created_with_playbook_count", "sessions_created_with_search_count",
+                 "sessions_with_merged_prs_count"):  # fmt: skip
+        assert 0 <= body[name] <= sessions  # type: ignore[operator]
+    for name in ("sessions_created_by_origin", "sessions_created_by_size"):
+        breakdown = body[name]
+        assert isinstance(breakdown, dict)
+        assert all(v >= 0 for v in breakdown.values())  # type: ignore[operator]
+        assert sum(breakdown.values()) == sessions  # type: ignore[arg-type]
+    merged_by_size = body["sessions_with_merged_prs_by_size"]
+    assert isinstance(merged_by_size, dict)
+    assert sum(merged_by_size.values()) == body["sessions_with_merged_prs_count"]  # type: ignore[arg-type]
+    prs = expected_prs(org_ids, user_ids, *window, now=NOW)
+    assert 0 <= prs["prs_merged_count"] <= prs["prs_closed_count"] <= prs["prs_opened_count"]  # type: ignore[operator]
+    assert prs["prs_opened_count"] <= prs["prs_created_count"]  # type: ignore[operator]
+    assert body["sessions_with_merged_prs_count"] <= prs["prs_merged_count"]  # type: ignore[operator]
+    avg = body["avg_acus_per_session"]
+    assert isinstance(avg, float)
+    if sessions == 0:
+        assert avg == 0.0
+    elif sessions >= 50:  # a handful of sessions can fall either side of an ACU boundary
+        assert 0.5 < avg < 5.0
+
+
+def active(org_ids: Sequence[str], hours: float, **minimums: int) -> int:
+    count = expected_active_users(org_ids, B - round(hours * 3600), B, now=NOW, **minimums)["active_users"]
+    assert isinstance(count, int)
+    return count
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    org_ids=org_lists,
+    hours=st.tuples(st.floats(0.5, 24 * 60), st.floats(1.0, 10.0)),
+    minimums=st.tuples(st.integers(0, 30), st.integers(0, 30)),
+)
+def test_active_users_grow_sub_linearly_and_stay_within_the_users(
+    org_ids: list[str], hours: tuple[float, float], minimums: tuple[int, int]
+) -> None:
+    short, factor = hours
+    kw = {"min_sessions": minimums[0], "min_searches": minimums[1]}
+    few, more = active(org_ids, short, **kw), active(org_ids, short * factor, **kw)
+    orgs = list(dict.fromkeys(org_ids)) or list(ENTERPRISE_ORG_IDS)
+    # Concave through 0 per org, so factor times as long has at most factor times as many users,
+    # give or take the rounding down of each org's count.
+    assert few <= more < (few + len(orgs)) * factor
+    listed = expected_organizations_v2([Organization(o, o) for o in orgs])
+    users, members = (sum(item[name] for item in listed) for name in ("org_user_count", "org_member_count"))
+    assert more <= users <= members
+    assert active(org_ids, short, min_sessions=0) == active(org_ids, short, min_searches=0) == users
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    org_ids=org_lists,
+    extra=org_lists,
+    hours=st.floats(0.5, 24 * 60),
+    minimums=st.tuples(st.integers(1, 20), st.integers(1, 20)),
+)
+def test_active_users_fall_as_minimums_rise_and_never_shrink_with_more_orgs(
+    org_ids: list[str], extra: list[str], hours: float, minimums: tuple[int, int]
+) -> None:
+    s, q = minimums
+    orgs = org_ids or ["org-123"]  # a superset of "everyone" is everyone: start from a filter
+    base = active(orgs, hours, min_sessions=s, min_searches=q)
+    assert active(orgs, hours, min_sessions=s + 1, min_searches=q) <= base
+    assert active(orgs, hours, min_sessions=s, min_searches=q + 1) <= base
+    assert active([*orgs, *extra], hours, min_sessions=s, min_searches=q) >= base
+
+
+def test_active_users_look_like_adoption_figures() -> None:
+    day, week, month = active([], 24), active([], 24 * 7), active([], 24 * 30)
+    assert 0 < day < week < month
+    assert day < 0.5 * month  # DAU well below MAU

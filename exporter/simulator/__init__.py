@@ -26,7 +26,15 @@ from exporter.simulator.model import (
 )
 from exporter.simulator.query import parse_datetime
 from exporter.simulator.v2 import USAGE_FIELDS, USAGE_PATH, expected_organizations_v2, expected_usage
-from exporter.simulator.v3 import expected_organizations_v3, expected_queue
+from exporter.simulator.v3 import (
+    expected_active_users,
+    expected_organizations_v3,
+    expected_prs,
+    expected_queue,
+    expected_searches,
+    expected_sessions,
+    expected_usage_v3,
+)
 
 __all__ = [
     "DEFAULT_DEMO_KEY",
@@ -47,10 +55,15 @@ __all__ = [
     "RecordedRequest",
     "billing_cycle",
     "create_app",
+    "expected_active_users",
     "expected_organizations_v2",
     "expected_organizations_v3",
+    "expected_prs",
     "expected_queue",
+    "expected_searches",
+    "expected_sessions",
     "expected_usage",
+    "expected_usage_v3",
     "main",
     "parse_datetime",
     "start_simulator",

@@ -17,8 +17,13 @@ __all__ = [
     "ENTERPRISE_ORG_IDS",
     "EPOCH",
     "INCEPTION",
+    "ORIGINS",
+    "SIZES",
+    "Activity",
     "Membership",
     "Organization",
+    "active_users",
+    "activity",
     "as_utc",
     "billing_cycle",
     "billing_cycles",
@@ -28,15 +33,21 @@ __all__ = [
     "queue_size",
     "scope",
     "updated_at",
-    "usage_counts",
     "window",
 ]
 
 EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
+
 def as_utc(t: datetime) -> datetime:
     """Naive means UTC, as the upstream API treats timezone-less query values."""
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+def _unit(*parts: str) -> float:
+    """A stable number in [0, 1) for the given key; sha256 because hash() is salted per process."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,7 +90,49 @@ def scope(org_ids: Iterable[str], enterprise_org_ids: Sequence[str]) -> list[str
     return list(dict.fromkeys(org_ids)) or list(dict.fromkeys(enterprise_org_ids))
 
 
-# The billing calendar. Upstream's billing day starts at midnight PST, which the docs pin to a fixed
+def _seconds(t: datetime) -> datetime:
+    return t.replace(microsecond=0)
+
+
+def created_at(org: Organization) -> datetime:
+    """When the organization was created: its own value, else a stable instant in the enterprise's
+    first 300 days."""
+    if org.created_at is not None:
+        return as_utc(org.created_at)
+    return _seconds(INCEPTION + timedelta(days=300 * _unit("created", org.org_id)))
+
+
+def updated_at(org: Organization) -> datetime:
+    """When it last changed: its own value, else a stable instant within 60 days of creation."""
+    if org.updated_at is not None:
+        return as_utc(org.updated_at)
+    return _seconds(created_at(org) + timedelta(days=60 * _unit("updated", org.org_id)))
+
+
+@dataclass(frozen=True)
+class Membership:
+    """Head counts of one organization: admins <= members and users <= members."""
+
+    admins: int
+    members: int
+    users: int  # members who have used Devin at least once: the most `active_users` can reach
+
+
+@functools.lru_cache(maxsize=4096)
+def membership(org_id: str) -> Membership:
+    members = 12 + math.floor(140 * _unit("members", org_id))
+    return Membership(
+        admins=1 + math.floor(4 * _unit("admins", org_id)),
+        members=members,
+        users=math.ceil(members * (0.6 + 0.35 * _unit("users", org_id))),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The billing calendar
+# --------------------------------------------------------------------------------------------
+
+# Upstream's billing day starts at midnight PST, which the docs pin to a fixed
 # 08:00 UTC all year (no PDT shift); cycles are monthly. The 5th matches the docs' own example
 # (`start_date=2025-12-05T08:00:00Z&end_date=2026-01-05T08:00:00Z`).
 BILLING_DAY_START: Final = timedelta(hours=8)
@@ -137,53 +190,26 @@ def window(start: datetime | None, end: datetime | None, now: datetime) -> tuple
     return min(start, end), end
 
 
-def _seconds(t: datetime) -> datetime:
-    return t.replace(microsecond=0)
-
-
-def created_at(org: Organization) -> datetime:
-    """When the organization was created: its own value, else a stable day in the enterprise's
-    first 300 days."""
-    if org.created_at is not None:
-        return as_utc(org.created_at)
-    return _seconds(INCEPTION + timedelta(days=300 * _unit("created", org.org_id)))
-
-
-def updated_at(org: Organization) -> datetime:
-    """When it last changed: its own value, else a stable instant within 60 days of creation."""
-    if org.updated_at is not None:
-        return as_utc(org.updated_at)
-    return _seconds(created_at(org) + timedelta(days=60 * _unit("updated", org.org_id)))
-
-
-@dataclass(frozen=True)
-class Membership:
-    """Head counts of one organization: admins <= members and users <= members."""
-
-    admins: int
-    members: int
-    users: int  # members who have used Devin at least once
-
-
-@functools.lru_cache(maxsize=4096)
-def membership(org_id: str) -> Membership:
-    members = 12 + math.floor(140 * _unit("members", org_id))
-    return Membership(
-        admins=1 + math.floor(4 * _unit("admins", org_id)),
-        members=members,
-        users=math.ceil(members * (0.6 + 0.35 * _unit("users", org_id))),
-    )
-
+# --------------------------------------------------------------------------------------------
+# Activity: sessions, searches, PRs
+# --------------------------------------------------------------------------------------------
 
 # The daily wave's relative amplitude. Below 1 so the cumulative curve's slope,
 # rate * (1 + A*cos), never goes negative: counts can only grow as a window lengthens.
 _WAVE_AMPLITUDE: Final = 0.6
 
+# The origins and sizes of SessionMetrics, in the docs' order, with a typical share of each.
+ORIGINS: Final = ("api", "automation", "desktop", "jira", "linear", "slack", "teams", "webapp")
+_ORIGIN_WEIGHTS: Final = (0.12, 0.10, 0.07, 0.07, 0.06, 0.20, 0.04, 0.34)
+SIZES: Final = ("xs", "s", "m", "l", "xl")
+_SIZE_WEIGHTS: Final = (0.30, 0.30, 0.22, 0.12, 0.06)
+_MERGED_SIZE_WEIGHTS: Final = (0.10, 0.25, 0.30, 0.22, 0.13)  # bigger sessions merge more
 
-def _unit(*parts: str) -> float:
-    """A stable number in [0, 1) for the given key; sha256 because hash() is salted per process."""
-    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+
+def _shares(org_id: str, kind: str, weights: Sequence[float]) -> tuple[float, ...]:
+    varied = [w * (0.5 + _unit(kind, org_id, str(i))) for i, w in enumerate(weights)]
+    total = sum(varied)
+    return tuple(v / total for v in varied)
 
 
 @dataclass(frozen=True)
@@ -194,8 +220,17 @@ class _OrgProfile:
     p_opened: float  # share of sessions that open a PR
     p_closed: float  # share of opened PRs that get closed
     p_merged: float  # share of closed PRs that were merged
+    p_draft: float  # drafts per session: created but never opened for review
+    p_playbook: float
+    p_search: float
+    p_merging_session: float  # sessions with a merged PR, per merged PR (some merge several)
+    acus_per_session: float
+    origins: tuple[float, ...]
+    sizes: tuple[float, ...]
+    merged_sizes: tuple[float, ...]
 
 
+@functools.lru_cache(maxsize=4096)
 def _org_profile(org_id: str) -> _OrgProfile:
     return _OrgProfile(
         sessions_per_hour=5.0 + 45.0 * _unit("sessions", org_id),
@@ -204,7 +239,20 @@ def _org_profile(org_id: str) -> _OrgProfile:
         p_opened=0.25 + 0.35 * _unit("opened", org_id),
         p_closed=0.70 + 0.25 * _unit("closed", org_id),
         p_merged=0.60 + 0.30 * _unit("merged", org_id),
+        p_draft=0.03 + 0.12 * _unit("draft", org_id),
+        p_playbook=0.10 + 0.40 * _unit("playbook", org_id),
+        p_search=0.20 + 0.50 * _unit("with-search", org_id),
+        p_merging_session=0.75 + 0.20 * _unit("merging", org_id),
+        acus_per_session=0.8 + 3.2 * _unit("acus", org_id),
+        origins=_shares(org_id, "origin", _ORIGIN_WEIGHTS),
+        sizes=_shares(org_id, "size", _SIZE_WEIGHTS),
+        merged_sizes=_shares(org_id, "merged-size", _MERGED_SIZE_WEIGHTS),
     )
+
+
+@functools.lru_cache(maxsize=65536)
+def _user_share(user_id: str) -> float:
+    return 0.01 + 0.07 * _unit("user", user_id)
 
 
 def _user_fraction(user_ids: Iterable[str]) -> float:
@@ -216,7 +264,7 @@ def _user_fraction(user_ids: Iterable[str]) -> float:
     unique = sorted(set(user_ids))
     if not unique:
         return 1.0
-    return min(1.0, sum(0.01 + 0.07 * _unit("user", u) for u in unique))
+    return min(1.0, sum(_user_share(u) for u in unique))
 
 
 def _hours(t: datetime) -> float:
@@ -229,39 +277,149 @@ def _wave(hours: float, rate: float, phase: float) -> float:
     return rate * (hours + _WAVE_AMPLITUDE / omega * math.sin(omega * hours + phase))
 
 
-def _cumulative(profile: _OrgProfile, fraction: float, t: datetime) -> tuple[int, int, int, int, int]:
-    """Integer cumulative counts of each field for one org up to t.
+def _split(total: int, shares: Sequence[float]) -> list[int]:
+    """Split a cumulative count into buckets that sum to it exactly and each never shrink as it grows.
+
+    A chain: each bucket keeps `rest - floor(rest * q)` of what is left, and `x - floor(x*q)` and
+    `floor(x*q)` are both non-decreasing in x for 0 <= q <= 1. (Splitting by cumulative-share floors
+    instead would let a bucket lose one now and then, and a window's count go negative.)
+    """
+    buckets: list[int] = []
+    rest, remaining = total, 1.0
+    for share in shares[:-1]:
+        passed = min(1.0, max(0.0, 1.0 - share / remaining)) if remaining > 0 else 0.0
+        onward = math.floor(rest * passed)
+        buckets.append(rest - onward)
+        rest, remaining = onward, remaining - share
+    buckets.append(rest)
+    return buckets
+
+
+# The layout of one org's cumulative vector, summed and differenced as plain tuples.
+_SESSIONS, _SEARCHES, _OPENED, _CLOSED, _MERGED, _CREATED = 0, 1, 2, 3, 4, 5
+_PLAYBOOK, _WITH_SEARCH, _MERGING, _DEVIN = 6, 7, 8, 9
+_BY_ORIGIN = slice(10, 10 + len(ORIGINS))
+_BY_SIZE = slice(_BY_ORIGIN.stop, _BY_ORIGIN.stop + len(SIZES))
+_MERGED_BY_SIZE = slice(_BY_SIZE.stop, _BY_SIZE.stop + len(SIZES))
+
+
+def _cumulative(profile: _OrgProfile, fraction: float, t: datetime) -> tuple[int, ...]:
+    """Integer cumulative counts of one org up to t, in the layout above.
 
     PR counts are nested floors of the one below them (the j-th session opens a PR when
     floor(j*p) steps), so within any window merged <= closed <= opened <= sessions holds
-    exactly, and a window's count is end minus start, so windows add up.
+    exactly, and a window's count is end minus start, so windows add up. Devin ACUs are in
+    hundredths and follow the sessions' curve, so ACUs per session stay near the org's own figure.
     """
     h = _hours(t)
-    sessions = math.floor(fraction * _wave(h, profile.sessions_per_hour, profile.phase))
+    curve = fraction * _wave(h, profile.sessions_per_hour, profile.phase)
+    sessions = math.floor(curve)
     # Searches trail sessions by about an hour: same shape, not an exact multiple.
     searches = math.floor(
-        fraction * _wave(h, profile.sessions_per_hour * profile.searches_per_session, profile.phase - 0.25)
+        fraction
+        * _wave(h, profile.sessions_per_hour * profile.searches_per_session, profile.phase - 0.25)
     )
     opened = math.floor(sessions * profile.p_opened)
     closed = math.floor(opened * profile.p_closed)
     merged = math.floor(closed * profile.p_merged)
-    return sessions, searches, opened, closed, merged
+    merging = math.floor(merged * profile.p_merging_session)
+    return (
+        sessions,
+        searches,
+        opened,
+        closed,
+        merged,
+        opened + math.floor(sessions * profile.p_draft),
+        math.floor(sessions * profile.p_playbook),
+        math.floor(sessions * profile.p_search),
+        merging,
+        math.floor(100.0 * profile.acus_per_session * curve),
+        *_split(sessions, profile.origins),
+        *_split(sessions, profile.sizes),
+        *_split(merging, profile.merged_sizes),
+    )
 
 
-def usage_counts(
-    orgs: Sequence[str], user_ids: Iterable[str], start: datetime, end: datetime
-) -> tuple[int, int, int, int, int]:
-    """Sessions, searches, PRs opened, closed and merged of `orgs` by `user_ids` in [start, end]."""
+@dataclass(frozen=True)
+class Activity:
+    """What happened in a window: counts, and the Devin ACUs (hundredths) of those sessions."""
+
+    sessions: int
+    searches: int
+    prs_opened: int
+    prs_closed: int
+    prs_merged: int
+    prs_created: int  # every PR a session created, drafts included, so >= prs_opened
+    sessions_with_playbook: int
+    sessions_with_search: int
+    sessions_with_merged_prs: int
+    devin_hundredths: int
+    by_origin: tuple[int, ...]  # in ORIGINS order, summing to sessions
+    by_size: tuple[int, ...]  # in SIZES order, summing to sessions
+    merged_by_size: tuple[int, ...]  # in SIZES order, summing to sessions_with_merged_prs
+
+
+def activity(orgs: Sequence[str], user_ids: Iterable[str], start: datetime, end: datetime) -> Activity:
+    """The activity of `orgs` (each counted once) by `user_ids` (none: everyone) in [start, end]."""
     fraction = _user_fraction(user_ids)
-    totals = [0] * 5
-    for org in orgs:
+    totals: list[int] | None = None
+    for org in dict.fromkeys(orgs):
         profile = _org_profile(org)
-        at_end = _cumulative(profile, fraction, end)
-        at_start = _cumulative(profile, fraction, start)
-        for i in range(len(totals)):
-            totals[i] += at_end[i] - at_start[i]
-    sessions, searches, opened, closed, merged = totals
-    return sessions, searches, opened, closed, merged
+        at_end, at_start = _cumulative(profile, fraction, end), _cumulative(profile, fraction, start)
+        diff = [e - s for e, s in zip(at_end, at_start, strict=True)]
+        totals = diff if totals is None else [t + d for t, d in zip(totals, diff, strict=True)]
+    if totals is None:
+        totals = [0] * _MERGED_BY_SIZE.stop
+    return Activity(
+        sessions=totals[_SESSIONS],
+        searches=totals[_SEARCHES],
+        prs_opened=totals[_OPENED],
+        prs_closed=totals[_CLOSED],
+        prs_merged=totals[_MERGED],
+        prs_created=totals[_CREATED],
+        sessions_with_playbook=totals[_PLAYBOOK],
+        sessions_with_search=totals[_WITH_SEARCH],
+        sessions_with_merged_prs=totals[_MERGING],
+        devin_hundredths=totals[_DEVIN],
+        by_origin=tuple(totals[_BY_ORIGIN]),
+        by_size=tuple(totals[_BY_SIZE]),
+        merged_by_size=tuple(totals[_MERGED_BY_SIZE]),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Active users and the queue
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def _gaps(org_id: str) -> tuple[float, float]:
+    """Mean hours between one user's sessions, and between their searches, in this org."""
+    sessions = 48.0 * (1.0 + 6.0 * _unit("session-gap", org_id))  # 2 to 14 days
+    return sessions, sessions * (0.8 + 1.2 * _unit("search-gap", org_id))
+
+
+def active_users(
+    orgs: Sequence[str], start: datetime, end: datetime, *, min_sessions: int, min_searches: int
+) -> int:
+    """Users with at least `min_sessions` sessions or at least `min_searches` searches in [start, end].
+
+    Per org: its users times the chance that a user's session and search counts (Poisson-like, at
+    the org's mean gaps) reach a threshold, 1 - exp(-L/(s*gap_s) - L/(q*gap_q)) for a window of L
+    hours. That is concave in L (sub-linear growth from 0), falls as s or q rise, and is 1 when
+    either is 0 (no one falls short of zero). Orgs' users are distinct, so orgs add up.
+    """
+    hours = max(0.0, (end - start).total_seconds() / 3600.0)
+    total = 0
+    for org in dict.fromkeys(orgs):
+        users = membership(org).users
+        if min_sessions == 0 or min_searches == 0:
+            total += users
+            continue
+        session_gap, search_gap = _gaps(org)
+        rate = hours / (min_sessions * session_gap) + hours / (min_searches * search_gap)
+        total += math.floor(users * -math.expm1(-rate))
+    return total
 
 
 def queue_size(now: datetime) -> int:

@@ -9,10 +9,10 @@ from typing import Final
 from exporter.simulator.model import (
     ENTERPRISE_ORG_IDS,
     Organization,
+    activity,
     created_at,
     membership,
     scope,
-    usage_counts,
     window,
 )
 from exporter.simulator.query import QueryReader, parse_datetime, validation_error
@@ -52,8 +52,14 @@ def expected_usage(
     happened after `now`, so the window is clipped to it. Raises ValueError if start > end.
     """
     start, end = window(start, end, now)
-    counts = usage_counts(scope(org_ids, enterprise_org_ids), user_ids, start, end)
-    return dict(zip(USAGE_FIELDS, counts, strict=True))
+    done = activity(scope(org_ids, enterprise_org_ids), user_ids, start, end)
+    return {
+        "sessions_count": done.sessions,
+        "searches_count": done.searches,
+        "prs_opened": done.prs_opened,
+        "prs_closed": done.prs_closed,
+        "prs_merged": done.prs_merged,
+    }
 
 
 def _read_window(call: Call) -> tuple[datetime | None, datetime | None]:

@@ -6,23 +6,54 @@ import base64
 import binascii
 import re
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Final
 
-from exporter.simulator.model import Organization, created_at, queue_size, updated_at
+from exporter.simulator.model import (
+    ENTERPRISE_ORG_IDS,
+    EPOCH,
+    ORIGINS,
+    SIZES,
+    Activity,
+    Organization,
+    active_users,
+    activity,
+    as_utc,
+    billing_cycle,
+    created_at,
+    queue_size,
+    scope,
+    updated_at,
+    window,
+)
 from exporter.simulator.query import QueryReader, validation_error
-from exporter.simulator.route import Call, JSONPath, JSONValue, Reply, Route
+from exporter.simulator.route import Call, Invalid, JSONPath, JSONValue, Reply, Route
 
 __all__ = [
+    "ACTIVE_USERS_PATH",
     "ORGANIZATIONS_PATH",
+    "PRS_PATH",
     "QUEUE_PATH",
     "ROUTES",
+    "SEARCHES_PATH",
+    "SESSIONS_PATH",
+    "USAGE_PATH",
+    "expected_active_users",
     "expected_organizations_v3",
+    "expected_prs",
     "expected_queue",
+    "expected_searches",
+    "expected_sessions",
+    "expected_usage_v3",
     "permission",
     "unix",
 ]
 
+SESSIONS_PATH: Final = "/v3/enterprise/metrics/sessions"
+PRS_PATH: Final = "/v3/enterprise/metrics/prs"
+SEARCHES_PATH: Final = "/v3/enterprise/metrics/searches"
+ACTIVE_USERS_PATH: Final = "/v3/enterprise/metrics/active-users"
+USAGE_PATH: Final = "/v3/enterprise/metrics/usage"
 QUEUE_PATH: Final = "/v3/enterprise/queue"
 ORGANIZATIONS_PATH: Final = "/v3/enterprise/organizations"
 
@@ -40,6 +71,246 @@ def permission(path: str) -> str | None:
     return next((name for prefix, name in _PERMISSIONS if path.startswith(prefix)), None)
 
 
+def unix(t: datetime) -> int:
+    """An instant as v3 writes it: whole Unix seconds."""
+    return int(t.timestamp())
+
+
+# --------------------------------------------------------------------------------------------
+# Time bounds: integer Unix seconds
+# --------------------------------------------------------------------------------------------
+
+_MIN_SECONDS: Final = -62135596800  # 0001-01-01T00:00:00Z: what a datetime can hold
+_MAX_SECONDS: Final = 253402300799  # 9999-12-31T23:59:59Z
+
+
+def _instant(seconds: int) -> datetime:
+    return EPOCH + timedelta(seconds=min(max(seconds, _MIN_SECONDS), _MAX_SECONDS))
+
+
+def _bounds(after: int | None, before: int | None, now: datetime) -> tuple[datetime, datetime]:
+    """The window [time_after, time_before] means at `now`, clipped to now.
+
+    A missing `time_after` is the current billing cycle's start and a missing `time_before` is now
+    (the docs state no default; v2's is the billing cycle). A lone bound beyond the other's default
+    gives an empty window. Raises ValueError if both are given and after > before.
+    """
+    if after is not None and before is not None and after > before:
+        raise ValueError("time_after must not be after time_before")
+    start = None if after is None else _instant(after)
+    end = None if before is None else _instant(before)
+    if start is not None and end is None:
+        end = max(start, as_utc(now))
+    if end is not None and start is None:
+        start = min(end, billing_cycle(now)[0])
+    return window(start, end, now)
+
+
+def _required_bounds(reader: QueryReader) -> tuple[int, int]:
+    """`time_after` and `time_before` of a metrics route, both required (see `_check`)."""
+    return reader.integer("time_after", None), reader.integer("time_before", None)
+
+
+def _optional_bounds(reader: QueryReader) -> tuple[int | None, int | None]:
+    """`time_after` and `time_before` where either may be left out (see `_check`)."""
+    return reader.optional_integer("time_after"), reader.optional_integer("time_before")
+
+
+def _check(reader: QueryReader, after: int | None, before: int | None) -> None:
+    """Raise Invalid for every bad parameter read, else for time_after > time_before."""
+    reader.check()
+    if after is not None and before is not None and after > before:
+        message = "Value error, time_after must not be after time_before"
+        raw = reader.last("time_after")
+        raise Invalid([validation_error("value_error", "time_after", message, raw, {"error": {}})])
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+def _activity(
+    org_ids: Sequence[str], user_ids: Sequence[str], after: int, before: int, now: datetime, enterprise: Sequence[str]
+) -> Activity:
+    start, end = _bounds(after, before, now)
+    return activity(scope(org_ids, enterprise), user_ids, start, end)
+
+
+def expected_sessions(
+    org_ids: Sequence[str],
+    user_ids: Sequence[str],
+    after: int,
+    before: int,
+    *,
+    now: datetime,
+    enterprise_org_ids: Sequence[str] = ENTERPRISE_ORG_IDS,
+) -> dict[str, JSONValue]:
+    """The SessionMetrics GET /v3/enterprise/metrics/sessions returns for this query at `now`.
+
+    `sessions_created_count` equals v2 usage's `sessions_count` for the same bounds and filters;
+    the playbook, search and merged-PR counts never exceed it; `sessions_created_by_origin` and
+    `sessions_created_by_size` each sum to it, `sessions_with_merged_prs_by_size` to
+    `sessions_with_merged_prs_count`; `avg_acus_per_session` is the Devin ACUs those sessions used
+    (what consumption reports for the same orgs and bounds) over their count, 0.0 without sessions.
+    Bounds are Unix seconds, clipped to `now`; no `org_ids` is `enterprise_org_ids`.
+    """
+    done = _activity(org_ids, user_ids, after, before, now, enterprise_org_ids)
+    return {
+        "sessions_created_count": done.sessions,
+        "sessions_created_with_playbook_count": done.sessions_with_playbook,
+        "sessions_created_with_search_count": done.sessions_with_search,
+        "sessions_with_merged_prs_count": done.sessions_with_merged_prs,
+        "avg_acus_per_session": done.devin_hundredths / (100 * done.sessions) if done.sessions else 0.0,
+        "sessions_created_by_origin": dict[str, JSONValue](zip(ORIGINS, done.by_origin, strict=True)),
+        "sessions_created_by_size": dict[str, JSONValue](zip(SIZES, done.by_size, strict=True)),
+        "sessions_with_merged_prs_by_size": dict[str, JSONValue](zip(SIZES, done.merged_by_size, strict=True)),
+    }
+
+
+def expected_prs(
+    org_ids: Sequence[str],
+    user_ids: Sequence[str],
+    after: int,
+    before: int,
+    *,
+    now: datetime,
+    enterprise_org_ids: Sequence[str] = ENTERPRISE_ORG_IDS,
+) -> dict[str, JSONValue]:
+    """The body of GET /v3/enterprise/metrics/prs for this query at `now`.
+
+    Opened, closed and merged equal v2 usage's `prs_opened`, `prs_closed`, `prs_merged` for the
+    same bounds and filters, so merged <= closed <= opened. `prs_created_count` counts every PR a
+    session created, drafts that were never opened for review included, so it is >= opened.
+    """
+    done = _activity(org_ids, user_ids, after, before, now, enterprise_org_ids)
+    return {
+        "prs_opened_count": done.prs_opened,
+        "prs_closed_count": done.prs_closed,
+        "prs_merged_count": done.prs_merged,
+        "prs_created_count": done.prs_created,
+    }
+
+
+def expected_searches(
+    org_ids: Sequence[str],
+    after: int,
+    before: int,
+    *,
+    now: datetime,
+    enterprise_org_ids: Sequence[str] = ENTERPRISE_ORG_IDS,
+) -> dict[str, JSONValue]:
+    """The body of GET /v3/enterprise/metrics/searches: v2 usage's `searches_count` for these orgs.
+
+    The route takes no `user_ids` (a `user_ids` parameter is ignored, as FastAPI ignores unknown
+    parameters), so neither does this.
+    """
+    done = _activity(org_ids, (), after, before, now, enterprise_org_ids)
+    return {"searches_created_count": done.searches}
+
+
+def expected_active_users(
+    org_ids: Sequence[str],
+    after: int,
+    before: int,
+    *,
+    now: datetime,
+    min_sessions: int = 1,
+    min_searches: int = 1,
+    enterprise_org_ids: Sequence[str] = ENTERPRISE_ORG_IDS,
+) -> dict[str, JSONValue]:
+    """The body of GET /v3/enterprise/metrics/active-users: users with at least `min_sessions`
+    sessions or at least `min_searches` searches in the window (clipped to `now`).
+
+    `start_time` / `end_time` echo the bounds asked for. The count grows sub-linearly with the
+    window's length, never exceeds the orgs' users (<= their `org_member_count`), falls as either
+    minimum rises (a minimum of 0 counts every user), and a superset of orgs never has fewer.
+    """
+    start, end = _bounds(after, before, now)
+    count = active_users(
+        scope(org_ids, enterprise_org_ids), start, end, min_sessions=min_sessions, min_searches=min_searches
+    )
+    return {"active_users": count, "start_time": after, "end_time": before}
+
+
+def expected_usage_v3(
+    after: int | None, before: int | None, *, now: datetime, enterprise_org_ids: Sequence[str] = ENTERPRISE_ORG_IDS
+) -> dict[str, JSONValue]:
+    """The body of GET /v3/enterprise/metrics/usage: the whole enterprise (the route has no filters).
+
+    Missing bounds default as on consumption (the current billing cycle so far). The counts are
+    those of v2 usage and of the sessions, searches and PRs routes for the same bounds.
+    """
+    start, end = _bounds(after, before, now)
+    done = activity(scope((), enterprise_org_ids), (), start, end)
+    return {
+        "sessions_count": done.sessions,
+        "searches_count": done.searches,
+        "prs_created_count": done.prs_created,
+        "prs_merged_count": done.prs_merged,
+    }
+
+
+def _filters(call: Call, *, users: bool) -> tuple[list[str], list[str], int, int]:
+    """The bounds and filters of the sessions, PRs and searches routes, in FastAPI's order."""
+    reader = QueryReader(call.query)
+    after, before = _required_bounds(reader)
+    org_ids = reader.strings("org_ids")
+    user_ids = reader.strings("user_ids") if users else []
+    _check(reader, after, before)
+    return org_ids, user_ids, after, before
+
+
+def _sessions(call: Call) -> Reply:
+    org_ids, user_ids, after, before = _filters(call, users=True)
+    body = expected_sessions(org_ids, user_ids, after, before, now=call.now, enterprise_org_ids=call.enterprise_org_ids)
+    return Reply(body, lead=("sessions_created_count",), required=("sessions_created_count",))
+
+
+def _prs(call: Call) -> Reply:
+    org_ids, user_ids, after, before = _filters(call, users=True)
+    body = expected_prs(org_ids, user_ids, after, before, now=call.now, enterprise_org_ids=call.enterprise_org_ids)
+    return Reply(body, lead=("prs_opened_count",), required=("prs_merged_count",))
+
+
+def _searches(call: Call) -> Reply:
+    org_ids, _, after, before = _filters(call, users=False)
+    body = expected_searches(org_ids, after, before, now=call.now, enterprise_org_ids=call.enterprise_org_ids)
+    return Reply(body, lead=("searches_created_count",), required=("searches_created_count",))
+
+
+def _active_users(call: Call) -> Reply:
+    reader = QueryReader(call.query)
+    after, before = _required_bounds(reader)
+    org_ids = reader.strings("org_ids")
+    min_sessions = reader.integer("min_sessions", 1, ge=0)
+    min_searches = reader.integer("min_searches", 1, ge=0)
+    _check(reader, after, before)
+    body = expected_active_users(
+        org_ids,
+        after,
+        before,
+        now=call.now,
+        min_sessions=min_sessions,
+        min_searches=min_searches,
+        enterprise_org_ids=call.enterprise_org_ids,
+    )
+    return Reply(body, lead=("active_users",), required=("active_users",))
+
+
+def _usage(call: Call) -> Reply:
+    reader = QueryReader(call.query)
+    after, before = _optional_bounds(reader)
+    _check(reader, after, before)
+    body = expected_usage_v3(after, before, now=call.now, enterprise_org_ids=call.enterprise_org_ids)
+    return Reply(body, lead=("sessions_count",), required=("prs_merged_count",))
+
+
+# --------------------------------------------------------------------------------------------
+# The queue
+# --------------------------------------------------------------------------------------------
+
+
 def _queue_status(size: int) -> str:
     """The docs' thresholds: normal up to 10 queued sessions, elevated up to 50, high beyond."""
     return "normal" if size <= 10 else "elevated" if size <= 50 else "high"
@@ -53,11 +324,6 @@ def expected_queue(now: datetime) -> dict[str, JSONValue]:
 
 def _queue(call: Call) -> Reply:
     return Reply(expected_queue(call.now), lead=("queue_size",), required=("status",))
-
-
-def unix(t: datetime) -> int:
-    """An instant as v3 writes it: whole Unix seconds."""
-    return int(t.timestamp())
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,4 +390,12 @@ def _organizations(call: Call) -> Reply:
     return _page(call, expected_organizations_v3(call.organizations), ("max_cycle_acu_limit",), ("org_id",))
 
 
-ROUTES: Final = (Route(QUEUE_PATH, _queue), Route(ORGANIZATIONS_PATH, _organizations))
+ROUTES: Final = (
+    Route(SESSIONS_PATH, _sessions),
+    Route(PRS_PATH, _prs),
+    Route(SEARCHES_PATH, _searches),
+    Route(ACTIVE_USERS_PATH, _active_users),
+    Route(USAGE_PATH, _usage),
+    Route(QUEUE_PATH, _queue),
+    Route(ORGANIZATIONS_PATH, _organizations),
+)
