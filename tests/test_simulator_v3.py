@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -17,13 +19,20 @@ from exporter.simulator import (
     DEFAULT_ORGANIZATIONS,
     DEFAULT_V3_TOKEN,
     ENTERPRISE_ORG_IDS,
+    ENTERPRISE_USER_IDS,
+    INCEPTION,
     ORGANIZATIONS_KEY,
     USAGE_FIELDS,
     USAGE_PATH,
     Faults,
     Organization,
+    billing_cycle,
     create_app,
     expected_active_users,
+    expected_consumption_v2,
+    expected_consumption_v3,
+    expected_cycles_v2,
+    expected_cycles_v3,
     expected_organizations_v2,
     expected_organizations_v3,
     expected_prs,
@@ -46,6 +55,11 @@ SEARCHES = "/v3/enterprise/metrics/searches"
 ACTIVE = "/v3/enterprise/metrics/active-users"
 V3_USAGE = "/v3/enterprise/metrics/usage"
 METRICS = (SESSIONS, PRS, SEARCHES, ACTIVE)
+V2_CYCLES = "/v2/enterprise/consumption/cycles"
+V2_DAILY = "/v2/enterprise/consumption/daily"
+V3_CYCLES = "/v3/enterprise/consumption/cycles"
+V3_DAILY = "/v3/enterprise/consumption/daily"
+CYCLE_START = datetime(2026, 11, 5, 8, tzinfo=UTC)  # the billing cycle holding NOW
 B = int(NOW.timestamp())  # NOW as v3 writes it
 DAY = 86400
 
@@ -654,3 +668,204 @@ def test_active_users_look_like_adoption_figures() -> None:
     day, week, month = active([], 24), active([], 24 * 7), active([], 24 * 30)
     assert 0 < day < week < month
     assert day < 0.5 * month  # DAU well below MAU
+
+
+# ------------------------------------------------------------------------- billing cycles
+
+
+def rfc3339(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def test_v2_cycles_are_a_bare_array_from_inception_to_the_current_cycle(client: Client) -> None:
+    status, body = await get(client, V2_CYCLES)
+    assert status == 200
+    assert body == expected_cycles_v2(NOW)
+    assert isinstance(body, list)
+    assert body[0]["start"] == rfc3339(INCEPTION)
+    assert body[-1] == {"start": rfc3339(CYCLE_START), "end": "2026-12-05T08:00:00Z"}
+    for earlier, later in itertools.pairwise(body):
+        assert earlier["end"] == later["start"]
+        assert later["start"].endswith("-05T08:00:00Z")
+
+
+async def test_v3_cycles_come_in_pages_and_match_v2(client: Client) -> None:
+    pages = await pages_v3(client, V3_CYCLES)
+    assert all(len(p["items"]) <= 2 for p in pages)
+    assert len(pages) == (len(expected_cycles_v2(NOW)) + 1) // 2
+    cycles = items(pages)
+    assert cycles == expected_cycles_v3(NOW)
+    as_v2 = [{"start": rfc3339(at(c["after"])), "end": rfc3339(at(c["before"]))} for c in cycles]
+    assert as_v2 == expected_cycles_v2(NOW)
+    start, end = billing_cycle(NOW)
+    assert cycles[-1] == {"after": int(start.timestamp()), "before": int(end.timestamp())}
+
+
+async def test_the_current_cycle_is_what_dateless_queries_mean(client: Client) -> None:
+    cycle = items(await pages_v3(client, V3_CYCLES))[-1]
+    start = at(cycle["after"])
+    assert await ok(client, USAGE_PATH) == expected_usage([], [], start, NOW, now=NOW)
+    assert await ok(client, V2_DAILY) == expected_consumption_v2([], start, NOW, now=NOW)
+    assert await ok(client, V3_DAILY) == expected_consumption_v3(cycle["after"], B, now=NOW)
+
+
+# ---------------------------------------------------------------------------- consumption
+
+
+def cents(value: object) -> int:
+    """An ACU figure in exact hundredths (the simulator sends at most two decimals)."""
+    assert isinstance(value, float), value
+    hundredths = Decimal(repr(value)) * 100
+    assert hundredths == hundredths.to_integral_value(), value
+    return int(hundredths)
+
+
+def v3_days(body: Mapping[str, Any]) -> list[tuple[int, int, dict[str, int]]]:
+    """(date, acus, products) per day in hundredths, checking that the products sum to the day."""
+    days = []
+    for entry in body["consumption_by_date"]:
+        assert set(entry) == {"date", "acus", "acus_by_product"}
+        products = {k: cents(v) for k, v in entry["acus_by_product"].items()}
+        assert set(products) == {"devin", "cascade", "terminal", "review"}
+        assert sum(products.values()) == cents(entry["acus"])
+        days.append((entry["date"], cents(entry["acus"]), products))
+    assert sum(acus for _, acus, _ in days) == cents(body["total_acus"])
+    return days
+
+
+async def test_v3_enterprise_consumption_holds_together(client: Client) -> None:
+    body = await ok(client, V3_DAILY)
+    assert set(body) == {"total_acus", "consumption_by_date"}
+    days = v3_days(body)
+    # Billing days start at 08:00 UTC: the cycle's first day to today's, each named by its start.
+    assert [d for d, _, _ in days] == [int((CYCLE_START + timedelta(days=i)).timestamp()) for i in range(20)]
+    per_org = [v3_days(await ok(client, f"{V3_DAILY}/organizations/{o}")) for o in ENTERPRISE_ORG_IDS]
+    for i, (_, acus, products) in enumerate(days):
+        assert products["devin"] == sum(org[i][2]["devin"] for org in per_org)
+        assert acus == products["devin"] + products["cascade"] + products["terminal"] + products["review"]
+        assert products["cascade"] > 0 and products["terminal"] > 0
+    # The enterprise's ACUs less what no org owns are the orgs' ACUs.
+    unowned = sum(p["cascade"] + p["terminal"] + p["review"] for _, _, p in days)
+    assert cents(body["total_acus"]) - unowned == sum(sum(a for _, a, _ in org) for org in per_org)
+
+
+async def test_v3_org_and_user_consumption_are_devin_only(client: Client) -> None:
+    for path in (f"{V3_DAILY}/organizations/org-mobile", f"{V3_DAILY}/users/user-7"):
+        days = v3_days(await ok(client, path, bounds(B - 3 * DAY, B)))
+        assert len(days) == 4  # three days back from 18:07 touches four billing days
+        assert all(p["cascade"] == p["terminal"] == p["review"] == 0 for _, _, p in days)
+        assert all(p["devin"] > 0 for _, _, p in days)
+
+
+async def test_v3_consumption_of_an_org_not_listed_is_a_404(client: Client, app: web.Application) -> None:
+    path = f"{V3_DAILY}/organizations/org-nope"
+    status, body = await get(client, path)
+    assert status == 404
+    assert "org-nope" in assert_problem(body, 404, path)["detail"]
+    app[ORGANIZATIONS_KEY][:] = [o for o in app[ORGANIZATIONS_KEY] if o.org_id != "org-mobile"]
+    assert (await get(client, f"{V3_DAILY}/organizations/org-mobile"))[0] == 404
+    # and the enterprise no longer counts it
+    assert await ok(client, V3_DAILY) == expected_consumption_v3(
+        None, None, now=NOW, enterprise_org_ids=[o.org_id for o in app[ORGANIZATIONS_KEY]]
+    )
+
+
+async def test_v3_consumption_bounds_are_optional_integers(client: Client) -> None:
+    assert (await get(client, V3_DAILY, [("time_after", "yesterday")]))[0] == 422
+    status, body = await get(client, V3_DAILY, bounds(B, B - 1))
+    assert status == 422
+    assert_problem(body, 422, V3_DAILY)
+    only_after = await ok(client, V3_DAILY, [("time_after", str(B - DAY))])
+    assert only_after == await ok(client, V3_DAILY, bounds(B - DAY, B))
+    only_before = await ok(client, V3_DAILY, [("time_before", str(B - DAY))])
+    assert only_before == expected_consumption_v3(int(CYCLE_START.timestamp()), B - DAY, now=NOW)
+
+
+async def test_a_partial_billing_day_counts_its_part_inside_the_window(client: Client) -> None:
+    eight = int(datetime(2026, 11, 20, 8, tzinfo=UTC).timestamp())
+    straddling = v3_days(await ok(client, V3_DAILY, bounds(eight - 2 * 3600, eight + 2 * 3600)))
+    assert [d for d, _, _ in straddling] == [eight - DAY, eight]
+    before, after = (
+        v3_days(await ok(client, V3_DAILY, bounds(eight - 2 * 3600, eight))),
+        v3_days(await ok(client, V3_DAILY, bounds(eight, eight + 2 * 3600))),
+    )
+    assert [d for d, _, _ in before + after] == [eight - DAY, eight]
+    assert [a for _, a, _ in straddling] == [before[0][1], after[0][1]]
+    # Clipped to now: today's entry holds the day so far, and the future adds nothing.
+    assert await ok(client, V3_DAILY, bounds(B - 3600, B + DAY)) == await ok(client, V3_DAILY, bounds(B - 3600, B))
+    assert (await ok(client, V3_DAILY, bounds(B + 3600, B + DAY))) == {"total_acus": 0.0, "consumption_by_date": []}
+
+
+def v2_days(body: Mapping[str, Any]) -> dict[str, int]:
+    days = {day: cents(acus) for day, acus in body["consumption_by_date"].items()}
+    assert sum(days.values()) == cents(body["total_acus"])
+    return days
+
+
+async def test_v2_enterprise_consumption_holds_together_and_matches_v3(client: Client) -> None:
+    body = await ok(client, V2_DAILY)
+    assert set(body) == {"total_acus", "consumption_by_date", "consumption_by_org_id", "consumption_by_user"}
+    days = v2_days(body)
+    assert list(days) == [f"2026-11-{d:02}" for d in range(5, 25)]
+    assert set(body["consumption_by_org_id"]) == set(ENTERPRISE_ORG_IDS)
+    v3 = v3_days(expected_consumption_v3(None, None, now=NOW))
+    assert list(days.values()) == [acus for _, acus, _ in v3]
+    unowned = sum(p["cascade"] + p["terminal"] + p["review"] for _, _, p in v3)
+    assert sum(cents(v) for v in body["consumption_by_org_id"].values()) == cents(body["total_acus"]) - unowned
+
+
+async def test_v2_consumption_with_org_ids_counts_only_their_devin_acus(client: Client) -> None:
+    start, end = datetime(2026, 11, 10, 12, tzinfo=UTC), datetime(2026, 11, 12, 12, tzinfo=UTC)
+    orgs = ["org-123", "org-456"]
+    params = [("start_date", rfc3339(start)), ("end_date", rfc3339(end)), *(("org_ids", o) for o in orgs)]
+    body = await ok(client, V2_DAILY, params)
+    assert body == expected_consumption_v2(orgs, start, end, now=NOW)
+    assert list(v2_days(body)) == ["2026-11-10", "2026-11-11", "2026-11-12"]
+    assert set(body["consumption_by_org_id"]) == set(orgs)
+    assert sum(cents(v) for v in body["consumption_by_org_id"].values()) == cents(body["total_acus"])
+    per_org = [expected_consumption_v3(int(start.timestamp()), int(end.timestamp()), now=NOW, org_id=o) for o in orgs]
+    assert cents(body["total_acus"]) == sum(cents(c["total_acus"]) for c in per_org)
+
+
+async def test_v2_user_consumption_is_what_the_enterprise_lists_for_the_user(client: Client) -> None:
+    enterprise = await ok(client, V2_DAILY)
+    assert set(enterprise["consumption_by_user"]) == set(ENTERPRISE_USER_IDS)
+    for user in ("user-1", "user-12"):
+        mine = await ok(client, f"{V2_DAILY}/{user}")
+        assert set(mine) == {"total_acus", "consumption_by_date", "consumption_by_org_id"}
+        v2_days(mine)
+        assert mine["total_acus"] == enterprise["consumption_by_user"][user]
+        assert mine == expected_consumption_v2([], None, None, now=NOW, user_id=user)
+        v3 = expected_consumption_v3(int(CYCLE_START.timestamp()), B, now=NOW, user_id=user)
+        assert mine["total_acus"] == v3["total_acus"]
+
+
+async def test_v2_consumption_rejects_bad_dates_like_usage(client: Client) -> None:
+    status, body = await get(client, V2_DAILY, [("start_date", "soon"), ("end_date", rfc3339(NOW))])
+    assert status == 422
+    assert body["detail"][0]["loc"] == ["query", "start_date"]  # type: ignore[index]
+
+
+async def test_avg_acus_per_session_is_consistent_with_consumption() -> None:
+    for org in ENTERPRISE_ORG_IDS:
+        sessions = expected_sessions([org], [], B - 7 * DAY, B, now=NOW)
+        spent = expected_consumption_v3(B - 7 * DAY, B, now=NOW, org_id=org)
+        count, avg = sessions["sessions_created_count"], sessions["avg_acus_per_session"]
+        assert abs(avg * count - spent["total_acus"]) < 1e-6  # type: ignore[operator]
+
+
+@settings(max_examples=60, deadline=None)
+@given(org_ids=org_lists, window=windows, user=st.sampled_from(["user-1", "user-5", "someone"]))
+def test_consumption_sums_exactly_for_any_window(org_ids: list[str], window: tuple[int, int], user: str) -> None:
+    after, before = window
+    enterprise = expected_consumption_v3(after, before, now=NOW)
+    days = v3_days(enterprise)
+    orgs = [v3_days(expected_consumption_v3(after, before, now=NOW, org_id=o)) for o in ENTERPRISE_ORG_IDS]
+    for i, (date, _, products) in enumerate(days):
+        assert (date - int(INCEPTION.timestamp())) % DAY == 0  # a billing-day start
+        assert products["devin"] == sum(org[i][2]["devin"] for org in orgs)
+    v3_days(expected_consumption_v3(after, before, now=NOW, user_id=user))
+    v2 = expected_consumption_v2(org_ids, at(after), at(before), now=NOW)
+    v2_days(v2)
+    if not org_ids:
+        assert v2["total_acus"] == enterprise["total_acus"]

@@ -20,14 +20,24 @@ from exporter.simulator.faults import MALFORMED_KINDS, Faults, MalformedKind
 from exporter.simulator.model import (
     DEFAULT_ORGANIZATIONS,
     ENTERPRISE_ORG_IDS,
+    ENTERPRISE_USER_IDS,
     INCEPTION,
     Organization,
     billing_cycle,
 )
 from exporter.simulator.query import parse_datetime
-from exporter.simulator.v2 import USAGE_FIELDS, USAGE_PATH, expected_organizations_v2, expected_usage
+from exporter.simulator.v2 import (
+    USAGE_FIELDS,
+    USAGE_PATH,
+    expected_consumption_v2,
+    expected_cycles_v2,
+    expected_organizations_v2,
+    expected_usage,
+)
 from exporter.simulator.v3 import (
     expected_active_users,
+    expected_consumption_v3,
+    expected_cycles_v3,
     expected_organizations_v3,
     expected_prs,
     expected_queue,
@@ -41,6 +51,7 @@ __all__ = [
     "DEFAULT_ORGANIZATIONS",
     "DEFAULT_V3_TOKEN",
     "ENTERPRISE_ORG_IDS",
+    "ENTERPRISE_USER_IDS",
     "FAULTS_KEY",
     "INCEPTION",
     "MALFORMED_KINDS",
@@ -56,6 +67,10 @@ __all__ = [
     "billing_cycle",
     "create_app",
     "expected_active_users",
+    "expected_consumption_v2",
+    "expected_consumption_v3",
+    "expected_cycles_v2",
+    "expected_cycles_v3",
     "expected_organizations_v2",
     "expected_organizations_v3",
     "expected_prs",

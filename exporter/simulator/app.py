@@ -22,7 +22,7 @@ from aiohttp.typedefs import Handler
 from exporter.simulator import v2, v3
 from exporter.simulator.faults import Faults, malformed_body
 from exporter.simulator.model import DEFAULT_ORGANIZATIONS, Organization, as_utc, created_at
-from exporter.simulator.route import Call, ErrorEntry, Invalid, JSONValue, Route
+from exporter.simulator.route import Call, ErrorEntry, Invalid, JSONValue, NotFound, Route
 
 __all__ = [
     "DEFAULT_DEMO_KEY",
@@ -319,6 +319,8 @@ def _api(route: Route) -> Handler:
             reply = route.handler(call)
         except Invalid as exc:
             return _unprocessable(request, exc.errors)
+        except NotFound as exc:
+            return _error(request, 404, str(exc))
         if faults.malformed is not None:
             return web.Response(body=malformed_body(faults.malformed, reply), content_type="application/json")
         return web.json_response(reply.body)

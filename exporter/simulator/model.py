@@ -15,19 +15,24 @@ __all__ = [
     "BILLING_DAY_START",
     "DEFAULT_ORGANIZATIONS",
     "ENTERPRISE_ORG_IDS",
+    "ENTERPRISE_USER_IDS",
     "EPOCH",
     "INCEPTION",
     "ORIGINS",
+    "PRODUCTS",
     "SIZES",
     "Activity",
+    "Consumption",
     "Membership",
     "Organization",
     "active_users",
     "activity",
+    "acus",
     "as_utc",
     "billing_cycle",
     "billing_cycles",
     "billing_day_start",
+    "consumption",
     "created_at",
     "membership",
     "queue_size",
@@ -71,18 +76,25 @@ class Organization:
     updated_at: datetime | None = None
 
 
-# Names are what a dashboard shows; limits are in ACUs, null where an org has none.
+# Names are what a dashboard shows; limits are in ACUs, null where an org has none. The cycle
+# limits sit above what their orgs spend in a whole cycle (about 28k, 102k and 18k ACUs), Growth's
+# just, so a "cycle-to-date vs limit" panel shows an org nearing its cap late in the cycle.
 DEFAULT_ORGANIZATIONS: Final = (
-    Organization("org-platform-1", "Platform", 60_000, 400),
+    Organization("org-platform-1", "Platform", 40_000, 400),
     Organization("org-platform-2", "Platform Data"),
-    Organization("org-mobile", "Mobile", 40_000, 250),
+    Organization("org-mobile", "Mobile", 120_000, 250),
     Organization("org-123", "Payments", None, 150),
-    Organization("org-456", "Growth", 25_000),
+    Organization("org-456", "Growth", 20_000),
     Organization("org-789", "Support Tools"),
 )
 # The ids of the default organizations: the built-in demo config's and the SPEC example's, so
 # those org sets are subsets of the enterprise, as they would be upstream.
 ENTERPRISE_ORG_IDS: Final = tuple(o.org_id for o in DEFAULT_ORGANIZATIONS)
+
+
+# The users v2 daily consumption lists in `consumption_by_user`. Any other user id is valid too:
+# every user has a stable share of each organization's activity.
+ENTERPRISE_USER_IDS: Final = tuple(f"user-{i}" for i in range(1, 13))
 
 
 def scope(org_ids: Iterable[str], enterprise_org_ids: Sequence[str]) -> list[str]:
@@ -303,6 +315,16 @@ _BY_SIZE = slice(_BY_ORIGIN.stop, _BY_ORIGIN.stop + len(SIZES))
 _MERGED_BY_SIZE = slice(_BY_SIZE.stop, _BY_SIZE.stop + len(SIZES))
 
 
+def _sessions_curve(profile: _OrgProfile, fraction: float, hours: float) -> float:
+    """Cumulative sessions (unrounded) of the org's share `fraction` up to `hours`."""
+    return fraction * _wave(hours, profile.sessions_per_hour, profile.phase)
+
+
+def _acus(profile: _OrgProfile, curve: float) -> int:
+    """Cumulative Devin ACUs, in hundredths, of the sessions up to a point of their curve."""
+    return math.floor(100.0 * profile.acus_per_session * curve)
+
+
 def _cumulative(profile: _OrgProfile, fraction: float, t: datetime) -> tuple[int, ...]:
     """Integer cumulative counts of one org up to t, in the layout above.
 
@@ -312,7 +334,7 @@ def _cumulative(profile: _OrgProfile, fraction: float, t: datetime) -> tuple[int
     hundredths and follow the sessions' curve, so ACUs per session stay near the org's own figure.
     """
     h = _hours(t)
-    curve = fraction * _wave(h, profile.sessions_per_hour, profile.phase)
+    curve = _sessions_curve(profile, fraction, h)
     sessions = math.floor(curve)
     # Searches trail sessions by about an hour: same shape, not an exact multiple.
     searches = math.floor(
@@ -333,7 +355,7 @@ def _cumulative(profile: _OrgProfile, fraction: float, t: datetime) -> tuple[int
         math.floor(sessions * profile.p_playbook),
         math.floor(sessions * profile.p_search),
         merging,
-        math.floor(100.0 * profile.acus_per_session * curve),
+        _acus(profile, curve),
         *_split(sessions, profile.origins),
         *_split(sessions, profile.sizes),
         *_split(merging, profile.merged_sizes),
@@ -385,6 +407,75 @@ def activity(orgs: Sequence[str], user_ids: Iterable[str], start: datetime, end:
         by_size=tuple(totals[_BY_SIZE]),
         merged_by_size=tuple(totals[_MERGED_BY_SIZE]),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Consumption (ACUs, in integer hundredths so every sum is exact)
+# --------------------------------------------------------------------------------------------
+
+PRODUCTS: Final = ("devin", "cascade", "terminal", "review")
+# ACUs per hour and phase of the products no organization owns (upstream: "usage for these
+# products is not tied to any organization"), so only the enterprise-wide total carries them.
+_UNOWNED: Final = {"cascade": (40.0, 1.1), "terminal": (9.0, 2.3), "review": (4.0, 4.0)}
+
+
+def _devin_hundredths(org: str, user_id: str | None, t: datetime) -> int:
+    profile = _org_profile(org)
+    fraction = 1.0 if user_id is None else _user_fraction([user_id])
+    return _acus(profile, _sessions_curve(profile, fraction, _hours(t)))
+
+
+def _unowned_hundredths(product: str, t: datetime) -> int:
+    rate, phase = _UNOWNED[product]
+    return math.floor(100.0 * _wave(_hours(t), rate, phase))
+
+
+def acus(hundredths: int) -> float:
+    """Hundredths of an ACU as the ACUs a reply carries: the one place the division happens."""
+    return hundredths / 100
+
+
+@dataclass(frozen=True)
+class Consumption:
+    """ACUs of a window in hundredths: per billing day and product, and Devin ACUs per org."""
+
+    days: tuple[tuple[datetime, tuple[int, ...]], ...]  # (billing-day start, PRODUCTS order)
+    by_org: tuple[tuple[str, int], ...]
+
+    @property
+    def total(self) -> int:
+        return sum(sum(products) for _, products in self.days)
+
+
+def consumption(
+    orgs: Sequence[str], start: datetime, end: datetime, *, user_id: str | None = None, unowned: bool = False
+) -> Consumption:
+    """The ACUs of [start, end] (already clipped to now), one entry per billing day it touches.
+
+    Devin ACUs of `orgs` (of `user_id`'s share of them, if given), plus the products no org owns
+    when `unowned`. A day the window covers only in part counts that part; an empty window has
+    no days. Every figure is a difference of cumulative integers, so days sum to the total and
+    products to their day exactly.
+    """
+    orgs = list(dict.fromkeys(orgs))
+    edges = [start]  # the window's bounds and the billing-day starts inside it
+    if start < end:
+        day = billing_day_start(start) + timedelta(days=1)
+        while day < end:
+            edges.append(day)
+            day += timedelta(days=1)
+        edges.append(end)
+    devin = {org: [_devin_hundredths(org, user_id, t) for t in edges] for org in orgs}
+    others = {p: [_unowned_hundredths(p, t) if unowned else 0 for t in edges] for p in PRODUCTS[1:]}
+    days: list[tuple[datetime, tuple[int, ...]]] = []
+    for i in range(len(edges) - 1):
+        products = (
+            sum(d[i + 1] - d[i] for d in devin.values()),
+            *(others[p][i + 1] - others[p][i] for p in PRODUCTS[1:]),
+        )
+        days.append((billing_day_start(edges[i]), products))
+    by_org = tuple((org, d[-1] - d[0]) for org, d in devin.items())
+    return Consumption(days=tuple(days), by_org=by_org)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import TypeAlias
 
 from exporter.simulator.model import Organization
 
-__all__ = ["Call", "ErrorEntry", "Invalid", "JSONPath", "JSONValue", "Reply", "Route"]
+__all__ = ["Call", "ErrorEntry", "Invalid", "JSONPath", "JSONValue", "NotFound", "Reply", "Route"]
 
 JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
 JSONPath: TypeAlias = tuple[str | int, ...]
@@ -52,6 +52,10 @@ class Invalid(Exception):
     def __init__(self, errors: Sequence[ErrorEntry]) -> None:
         super().__init__(f"{len(errors)} validation error(s)")
         self.errors = list(errors)
+
+
+class NotFound(Exception):
+    """The path names something the enterprise does not have: a 404 with this detail."""
 
 
 @dataclass(frozen=True)

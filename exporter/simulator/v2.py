@@ -8,8 +8,12 @@ from typing import Final
 
 from exporter.simulator.model import (
     ENTERPRISE_ORG_IDS,
+    ENTERPRISE_USER_IDS,
     Organization,
     activity,
+    acus,
+    billing_cycles,
+    consumption,
     created_at,
     membership,
     scope,
@@ -19,10 +23,15 @@ from exporter.simulator.query import QueryReader, parse_datetime, validation_err
 from exporter.simulator.route import Call, ErrorEntry, Invalid, JSONPath, JSONValue, Reply, Route
 
 __all__ = [
+    "CYCLES_PATH",
+    "DAILY_PATH",
     "ORGANIZATIONS_PATH",
     "ROUTES",
     "USAGE_FIELDS",
     "USAGE_PATH",
+    "USER_DAILY_PATH",
+    "expected_consumption_v2",
+    "expected_cycles_v2",
     "expected_organizations_v2",
     "expected_usage",
     "rfc3339",
@@ -30,6 +39,9 @@ __all__ = [
 
 USAGE_PATH: Final = "/v2/enterprise/metrics/usage"
 ORGANIZATIONS_PATH: Final = "/v2/enterprise/organizations"
+CYCLES_PATH: Final = "/v2/enterprise/consumption/cycles"
+DAILY_PATH: Final = "/v2/enterprise/consumption/daily"
+USER_DAILY_PATH: Final = DAILY_PATH + "/{user_id}"
 USAGE_FIELDS: Final = ("sessions_count", "searches_count", "prs_opened", "prs_closed", "prs_merged")
 
 
@@ -188,4 +200,70 @@ def _organizations(call: Call) -> Reply:
     return _page(call, expected_organizations_v2(call.organizations), ("max_cycle_acu_limit",), ("org_id",))
 
 
-ROUTES: Final = (Route(USAGE_PATH, _usage), Route(ORGANIZATIONS_PATH, _organizations))
+def expected_cycles_v2(now: datetime) -> list[JSONValue]:
+    """The body of GET /v2/enterprise/consumption/cycles at `now`: a bare array of {start, end},
+    every monthly cycle from the enterprise's first (INCEPTION) to the current one, oldest first;
+    the last one's `end` is still ahead."""
+    return [{"start": rfc3339(start), "end": rfc3339(end)} for start, end in billing_cycles(now)]
+
+
+def _cycles(call: Call) -> Reply:
+    body = expected_cycles_v2(call.now)
+    return Reply(body, lead=(-1, "start"), required=(-1, "end"))
+
+
+def expected_consumption_v2(
+    org_ids: Sequence[str],
+    start: datetime | None,
+    end: datetime | None,
+    *,
+    now: datetime,
+    user_id: str | None = None,
+    enterprise_org_ids: Sequence[str] = ENTERPRISE_ORG_IDS,
+) -> dict[str, JSONValue]:
+    """The body of GET /v2/enterprise/consumption/daily (`user_id` None) or .../daily/{user_id}.
+
+    Bounds as in `expected_usage`: none means the current billing cycle so far. Without
+    `org_ids` the enterprise total is every listed org's Devin ACUs plus the Cascade, Terminal
+    and review ACUs no org owns; with `org_ids` only those orgs' Devin ACUs count, as the docs
+    say. A user gets a stable share of each org's Devin ACUs. `consumption_by_date` is keyed by
+    the billing day (08:00 UTC to 08:00 UTC, named by the UTC date it starts on) and holds the
+    part of each day inside the window; days sum to `total_acus`, and so do the orgs of
+    `consumption_by_org_id` when there is no unowned part. `consumption_by_user` (the enterprise
+    route only) lists ENTERPRISE_USER_IDS, each what its own route would return.
+    """
+    start, end = window(start, end, now)
+    orgs = scope(org_ids, enterprise_org_ids)
+    spent = consumption(orgs, start, end, user_id=user_id, unowned=not org_ids and user_id is None)
+    body: dict[str, JSONValue] = {
+        "total_acus": acus(spent.total),
+        "consumption_by_date": {day.strftime("%Y-%m-%d"): acus(sum(products)) for day, products in spent.days},
+        "consumption_by_org_id": {org: acus(part) for org, part in spent.by_org},
+    }
+    if user_id is None:
+        body["consumption_by_user"] = {
+            user: acus(consumption(orgs, start, end, user_id=user).total) for user in ENTERPRISE_USER_IDS
+        }
+    return body
+
+
+def _daily(call: Call) -> Reply:
+    start, end = _read_window(call)
+    body = expected_consumption_v2(
+        call.query.get("org_ids", ()),
+        start,
+        end,
+        now=call.now,
+        user_id=call.params.get("user_id"),
+        enterprise_org_ids=call.enterprise_org_ids,
+    )
+    return Reply(body, lead=("total_acus",), required=("total_acus",))
+
+
+ROUTES: Final = (
+    Route(USAGE_PATH, _usage),
+    Route(ORGANIZATIONS_PATH, _organizations),
+    Route(CYCLES_PATH, _cycles),
+    Route(DAILY_PATH, _daily),
+    Route(USER_DAILY_PATH, _daily),
+)

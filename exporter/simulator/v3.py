@@ -13,13 +13,17 @@ from exporter.simulator.model import (
     ENTERPRISE_ORG_IDS,
     EPOCH,
     ORIGINS,
+    PRODUCTS,
     SIZES,
     Activity,
     Organization,
     active_users,
     activity,
+    acus,
     as_utc,
     billing_cycle,
+    billing_cycles,
+    consumption,
     created_at,
     queue_size,
     scope,
@@ -27,18 +31,24 @@ from exporter.simulator.model import (
     window,
 )
 from exporter.simulator.query import QueryReader, validation_error
-from exporter.simulator.route import Call, Invalid, JSONPath, JSONValue, Reply, Route
+from exporter.simulator.route import Call, Invalid, JSONPath, JSONValue, NotFound, Reply, Route
 
 __all__ = [
     "ACTIVE_USERS_PATH",
+    "CYCLES_PATH",
+    "DAILY_PATH",
     "ORGANIZATIONS_PATH",
+    "ORG_DAILY_PATH",
     "PRS_PATH",
     "QUEUE_PATH",
     "ROUTES",
     "SEARCHES_PATH",
     "SESSIONS_PATH",
     "USAGE_PATH",
+    "USER_DAILY_PATH",
     "expected_active_users",
+    "expected_consumption_v3",
+    "expected_cycles_v3",
     "expected_organizations_v3",
     "expected_prs",
     "expected_queue",
@@ -55,6 +65,10 @@ SEARCHES_PATH: Final = "/v3/enterprise/metrics/searches"
 ACTIVE_USERS_PATH: Final = "/v3/enterprise/metrics/active-users"
 USAGE_PATH: Final = "/v3/enterprise/metrics/usage"
 QUEUE_PATH: Final = "/v3/enterprise/queue"
+CYCLES_PATH: Final = "/v3/enterprise/consumption/cycles"
+DAILY_PATH: Final = "/v3/enterprise/consumption/daily"
+ORG_DAILY_PATH: Final = DAILY_PATH + "/organizations/{org_id}"
+USER_DAILY_PATH: Final = DAILY_PATH + "/users/{user_id}"
 ORGANIZATIONS_PATH: Final = "/v3/enterprise/organizations"
 
 # The permission a service user needs per path prefix (newer docs' names), for 403 details.
@@ -161,7 +175,7 @@ def expected_sessions(
         "sessions_created_with_playbook_count": done.sessions_with_playbook,
         "sessions_created_with_search_count": done.sessions_with_search,
         "sessions_with_merged_prs_count": done.sessions_with_merged_prs,
-        "avg_acus_per_session": done.devin_hundredths / (100 * done.sessions) if done.sessions else 0.0,
+        "avg_acus_per_session": acus(done.devin_hundredths) / done.sessions if done.sessions else 0.0,
         "sessions_created_by_origin": dict[str, JSONValue](zip(ORIGINS, done.by_origin, strict=True)),
         "sessions_created_by_size": dict[str, JSONValue](zip(SIZES, done.by_size, strict=True)),
         "sessions_with_merged_prs_by_size": dict[str, JSONValue](zip(SIZES, done.merged_by_size, strict=True)),
@@ -390,6 +404,77 @@ def _organizations(call: Call) -> Reply:
     return _page(call, expected_organizations_v3(call.organizations), ("max_cycle_acu_limit",), ("org_id",))
 
 
+# --------------------------------------------------------------------------------------------
+# Billing cycles and consumption
+# --------------------------------------------------------------------------------------------
+
+
+def expected_cycles_v3(now: datetime) -> list[JSONValue]:
+    """Every item GET /v3/enterprise/consumption/cycles lists at `now`, all pages in order:
+    {after, before} in Unix seconds, from the enterprise's first cycle to the current one."""
+    return [{"after": unix(start), "before": unix(end)} for start, end in billing_cycles(now)]
+
+
+def _cycles(call: Call) -> Reply:
+    return _page(call, expected_cycles_v3(call.now), ("after",), ("before",))
+
+
+def expected_consumption_v3(
+    after: int | None,
+    before: int | None,
+    *,
+    now: datetime,
+    org_id: str | None = None,
+    user_id: str | None = None,
+    enterprise_org_ids: Sequence[str] = ENTERPRISE_ORG_IDS,
+) -> dict[str, JSONValue]:
+    """The ConsumptionResponse of GET /v3/enterprise/consumption/daily, of .../organizations/{org_id}
+    (`org_id`) or of .../users/{user_id} (`user_id`) at `now`.
+
+    Missing bounds are the current billing cycle so far. The enterprise's ACUs are every listed
+    org's Devin ACUs plus the Cascade, Terminal and review ACUs no org owns; an org's reply and a
+    user's (a stable share of each org's) carry Devin ACUs only, the other products 0.0. One
+    `consumption_by_date` entry per billing day the window touches, `date` the Unix second the
+    day starts (08:00 UTC), holding the part of the day inside the window; products sum to their
+    day's `acus` and days to `total_acus`, exactly (in hundredths). Raises ValueError if both
+    `org_id` and `user_id` are given, or after > before.
+    """
+    if org_id is not None and user_id is not None:
+        raise ValueError("give org_id or user_id, not both")
+    start, end = _bounds(after, before, now)
+    orgs = scope([] if org_id is None else [org_id], enterprise_org_ids)
+    spent = consumption(orgs, start, end, user_id=user_id, unowned=org_id is None and user_id is None)
+    return {
+        "total_acus": acus(spent.total),
+        "consumption_by_date": [
+            {
+                "date": unix(day),
+                "acus": acus(sum(products)),
+                "acus_by_product": {product: acus(part) for product, part in zip(PRODUCTS, products, strict=True)},
+            }
+            for day, products in spent.days
+        ],
+    }
+
+
+def _daily(call: Call) -> Reply:
+    reader = QueryReader(call.query)
+    after, before = _optional_bounds(reader)
+    _check(reader, after, before)
+    org_id = call.params.get("org_id")
+    if org_id is not None and org_id not in call.enterprise_org_ids:
+        raise NotFound(f"Organization {org_id} not found")
+    body = expected_consumption_v3(
+        after,
+        before,
+        now=call.now,
+        org_id=org_id,
+        user_id=call.params.get("user_id"),
+        enterprise_org_ids=call.enterprise_org_ids,
+    )
+    return Reply(body, lead=("total_acus",), required=("total_acus",))
+
+
 ROUTES: Final = (
     Route(SESSIONS_PATH, _sessions),
     Route(PRS_PATH, _prs),
@@ -397,5 +482,9 @@ ROUTES: Final = (
     Route(ACTIVE_USERS_PATH, _active_users),
     Route(USAGE_PATH, _usage),
     Route(QUEUE_PATH, _queue),
+    Route(CYCLES_PATH, _cycles),
+    Route(DAILY_PATH, _daily),
+    Route(ORG_DAILY_PATH, _daily),
+    Route(USER_DAILY_PATH, _daily),
     Route(ORGANIZATIONS_PATH, _organizations),
 )
