@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import json
+import re
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -21,7 +24,9 @@ from exporter.simulator import (
     ENTERPRISE_ORG_IDS,
     ENTERPRISE_USER_IDS,
     INCEPTION,
+    MALFORMED_KINDS,
     ORGANIZATIONS_KEY,
+    REQUESTS_KEY,
     USAGE_FIELDS,
     USAGE_PATH,
     Faults,
@@ -869,3 +874,246 @@ def test_consumption_sums_exactly_for_any_window(org_ids: list[str], window: tup
     v2_days(v2)
     if not org_ids:
         assert v2["total_acus"] == enterprise["total_acus"]
+
+
+# ------------------------------------------------------------------------- faults, every path
+
+# Every API route with a query it answers 200 to. A test below checks that none is missing.
+ROUTES: list[tuple[str, list[tuple[str, str]]]] = [
+    (USAGE_PATH, []),
+    (V2_ORGS, []),
+    (V2_CYCLES, []),
+    (V2_DAILY, []),
+    (f"{V2_DAILY}/user-1", []),
+    (SESSIONS, bounds(B - DAY, B)),
+    (PRS, bounds(B - DAY, B)),
+    (SEARCHES, bounds(B - DAY, B)),
+    (ACTIVE, bounds(B - DAY, B)),
+    (V3_USAGE, []),
+    (QUEUE, []),
+    (V3_CYCLES, []),
+    (V3_DAILY, []),
+    (f"{V3_DAILY}/organizations/org-123", []),
+    (f"{V3_DAILY}/users/user-1", []),
+    (V3_ORGS, []),
+]
+ROUTE_IDS = [path for path, _ in ROUTES]
+
+
+def test_the_route_list_here_covers_every_api_route_of_the_app(app: web.Application) -> None:
+    templates = {
+        r.canonical for r in app.router.resources() if r.canonical.startswith(("/v2/", "/v3/"))
+    }
+    covered = {
+        path.replace("/user-1", "/{user_id}").replace("/org-123", "/{org_id}") for path, _ in ROUTES
+    }
+    assert covered == templates
+
+
+@pytest.mark.parametrize(("path", "params"), ROUTES, ids=ROUTE_IDS)
+async def test_every_route_answers_its_versions_token_only(client: Client, path: str, params: Params) -> None:
+    assert (await get(client, path, params))[0] == 200
+    other = V2_AUTH if path.startswith("/v3/") else V3_AUTH
+    assert (await get(client, path, params, headers=other))[0] == 401
+
+
+@pytest.mark.parametrize(("path", "params"), ROUTES, ids=ROUTE_IDS)
+async def test_status_faults_answer_on_every_route_in_its_versions_shape(
+    client: Client, faults: Faults, path: str, params: Params
+) -> None:
+    faults.status = 503
+    async with client.get(path, params=params, headers=V3_AUTH if path.startswith("/v3/") else V2_AUTH) as resp:
+        assert resp.status == 503
+        assert resp.content_type == "text/html"  # a load balancer's page, either version
+    faults.status = 429
+    async with client.get(path, params=params, headers=V3_AUTH if path.startswith("/v3/") else V2_AUTH) as resp:
+        assert resp.status == 429
+        assert resp.headers["Retry-After"] == "1"
+        body = await resp.json(content_type=None)
+    if path.startswith("/v3/"):
+        assert resp.content_type == "application/problem+json"
+        assert_problem(body, 429, path)
+    else:
+        assert body == {"detail": "Too Many Requests"}
+
+
+def leaves(value: object, where: tuple[object, ...] = ()) -> Iterator[tuple[tuple[object, ...], object]]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from leaves(v, (*where, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from leaves(v, (*where, i))
+    else:
+        yield where, value
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@pytest.mark.parametrize("kind", MALFORMED_KINDS)
+@pytest.mark.parametrize(("path", "params"), ROUTES, ids=ROUTE_IDS)
+async def test_malformed_faults_break_every_reply_shape(
+    client: Client, faults: Faults, path: str, params: Params, kind: str
+) -> None:
+    good = await get(client, path, params)
+    faults.update({"malformed": kind})
+    async with client.get(path, params=params, headers=V3_AUTH if path.startswith("/v3/") else V2_AUTH) as resp:
+        assert resp.status == 200
+        assert resp.content_type == "application/json"
+        text = await resp.text()
+    if kind in ("json", "empty"):
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(text)
+        return
+    bad = json.loads(text)
+    assert bad != good[1]
+    good_leaves, bad_leaves = dict(leaves(good[1])), dict(leaves(bad))
+    if kind == "types":
+        assert good_leaves.keys() == bad_leaves.keys()
+        for where, value in good_leaves.items():
+            retyped = bad_leaves[where]
+            if isinstance(value, float):  # ACUs: a client may take numeric strings, so not one
+                assert isinstance(retyped, str)
+                with pytest.raises(ValueError):
+                    float(retyped)
+            elif is_number(value) or isinstance(value, bool):
+                assert retyped == json.dumps(value), where
+            elif isinstance(value, str) and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", value):  # v2's
+                assert isinstance(retyped, int), where
+    elif kind == "negative":
+        assert set(bad_leaves.values()) & {-1, "1969-12-31T23:59:59Z"}
+    elif kind == "huge":
+        assert set(bad_leaves.values()) & {2**64, "10000-01-01T00:00:00Z"}
+    elif kind == "missing":
+        assert len(bad_leaves) < len(good_leaves)
+    else:  # array
+        assert type(bad) is not type(good[1])
+
+
+async def test_faults_with_paths_apply_only_under_those_prefixes(client: Client, faults: Faults) -> None:
+    faults.update({"status": 403, "paths": ["/v3/enterprise/consumption"]})
+    for path in (V3_DAILY, V3_CYCLES, f"{V3_DAILY}/organizations/org-123"):
+        status, body = await get(client, path)
+        assert status == 403
+        assert "ViewAccountConsumption" in assert_problem(body, 403, path)["detail"]
+    for path, params in ROUTES:
+        if not path.startswith("/v3/enterprise/consumption"):
+            assert (await get(client, path, params))[0] == 200, path
+
+
+@pytest.mark.parametrize(
+    ("path", "permission"),
+    [(SESSIONS, "ViewAccountMetrics"), (QUEUE, "ViewAccountMetrics"), (V3_ORGS, "ManageOrganizations")],
+)
+async def test_a_403_on_v3_names_the_permission_the_path_needs(
+    client: Client, faults: Faults, path: str, permission: str
+) -> None:
+    faults.status = 403
+    status, body = await get(client, path)
+    assert status == 403
+    assert permission in assert_problem(body, 403, path)["detail"]
+    status, body = await get(client, USAGE_PATH)
+    assert (status, body) == (403, {"detail": "Enterprise admin API key required"})
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"malformed": "negative"},
+        {"error_rate": 1.0},
+        {"redirect": True},
+        {"latency": 30.0},  # would time the request below out if it applied
+        {"hang": True},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+async def test_every_answering_fault_honours_paths(client: Client, faults: Faults, change: dict[str, object]) -> None:
+    faults.update({**change, "paths": ["/v3/enterprise/queue"]})
+
+    async def others() -> list[int]:
+        return [(await get(client, path, params))[0] for path, params in ROUTES if path != QUEUE]
+
+    # A latency or hang that applied here would blow the bound; there is no sleeping either way.
+    assert set(await asyncio.wait_for(others(), timeout=10)) == {200}
+    if "latency" in change or "hang" in change:
+        return  # the queue itself would wait: that these faults apply at all is tested in test_simulator
+    async with client.get(QUEUE, headers=V3_AUTH, allow_redirects=False) as resp:
+        assert resp.status == {"malformed": 200, "error_rate": 500, "redirect": 302}[next(iter(change))]
+        if "malformed" in change:
+            assert (await resp.json())["queue_size"] == -1
+
+
+async def test_runaway_cursor_never_ends_a_v3_list(client: Client, faults: Faults) -> None:
+    faults.update({"runaway_cursor": True, "paths": ["/nowhere"]})  # not one of the scoped faults
+    cursors: list[str] = []
+    after: list[tuple[str, str]] = []
+    for _ in range(10):
+        page = await ok(client, V3_ORGS, [("first", "200"), *after])
+        assert page["has_next_page"] is True
+        assert isinstance(page["end_cursor"], str)
+        cursors.append(page["end_cursor"])
+        after = [("after", page["end_cursor"])]
+    assert len(set(cursors)) == len(cursors)
+    assert page["items"] == []  # past the end, and still "more"
+    assert (await ok(client, V3_CYCLES))["has_next_page"] is True
+
+
+async def test_runaway_cursor_never_ends_a_v2_list(client: Client, faults: Faults) -> None:
+    faults.runaway_cursor = True
+    skips = []
+    skip = 0
+    for _ in range(10):
+        page = await ok(client, V2_ORGS, [("skip", str(skip))])
+        assert page["has_more"] is True
+        skips.append(skip)
+        skip = page["next_cursor"]
+        assert skip > skips[-1]
+    assert page["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("change", "mentions"),
+    [
+        ({"paths": "/v3"}, "paths"),
+        ({"paths": ["v3/enterprise"]}, "paths"),
+        ({"paths": [3]}, "paths"),
+        ({"runaway_cursor": "yes"}, "runaway_cursor"),
+    ],
+)
+async def test_faults_endpoint_validates_the_new_fields(
+    client: Client, faults: Faults, change: dict[str, object], mentions: str
+) -> None:
+    async with client.post("/-/faults", json=change) as resp:
+        assert resp.status == 400
+        assert mentions in (await resp.json())["detail"]
+    assert faults == Faults()
+    async with client.post("/-/faults", json={"paths": ["/v3/"], "runaway_cursor": True}) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["paths"] == ["/v3/"]
+    assert (faults.paths, faults.runaway_cursor) == (["/v3/"], True)
+
+
+async def test_rate_limit_on_v3_is_a_problem_429(client: Client, faults: Faults) -> None:
+    faults.rate_limit_per_second = 1.0
+    assert (await get(client, QUEUE))[0] == 200
+    async with client.get(QUEUE, headers=V3_AUTH) as resp:
+        assert resp.status == 429
+        assert resp.headers["Retry-After"] == "1"
+        assert_problem(await resp.json(content_type=None), 429, QUEUE)
+
+
+async def test_v3_requests_are_recorded_with_their_full_query(client: Client, app: web.Application) -> None:
+    params = bounds(B - DAY, B, ["org-1", "org-2"], ["u-1"])
+    await get(client, PRS, params)
+    await get(client, f"{V3_DAILY}/users/u-9", [("time_after", "x")])
+    recorded = [(r.path, r.query, r.status) for r in app[REQUESTS_KEY]]
+    assert recorded == [
+        (
+            PRS,
+            {"time_after": [str(B - DAY)], "time_before": [str(B)], "org_ids": ["org-1", "org-2"], "user_ids": ["u-1"]},
+            200,
+        ),
+        (f"{V3_DAILY}/users/u-9", {"time_after": ["x"]}, 422),
+    ]

@@ -286,20 +286,21 @@ async def _fault_response(request: web.Request, state: _State, faults: Faults) -
         return web.Response(status=302, headers={"Location": _LOGIN_PATH})
     if faults.status is not None:
         return _fault_status_response(request, faults.status, faults.retry_after)
-    # Draw for every request, so the n-th request's fate depends only on the seed.
+    # Draw for every request the faults apply to, so the n-th one's fate depends only on the seed.
     if state.rng.random() < faults.error_rate:
         return _html_error(500)
     return None
 
 
 def _api(route: Route) -> Handler:
-    """The aiohttp handler of an API route: faults, then the bearer check, the rate limit, the route."""
+    """The aiohttp handler of an API route: faults, then the token check, the rate limit, the route."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         state = request.app[_STATE_KEY]
         faults = request.app[FAULTS_KEY]
         # Not `or`: a Response is a MutableMapping, and an empty one is falsy.
-        refused = await _fault_response(request, state, faults)
+        scoped = faults.applies_to(request.path)
+        refused = await _fault_response(request, state, faults) if scoped else None
         if refused is None:
             refused = _check_token(request, state)
         if refused is None:
@@ -314,6 +315,7 @@ def _api(route: Route) -> Handler:
             now=state.clock(),
             organizations=tuple(organizations),
             page_size=state.page_size,
+            runaway_cursor=faults.runaway_cursor,
         )
         try:
             reply = route.handler(call)
@@ -321,7 +323,7 @@ def _api(route: Route) -> Handler:
             return _unprocessable(request, exc.errors)
         except NotFound as exc:
             return _error(request, 404, str(exc))
-        if faults.malformed is not None:
+        if scoped and faults.malformed is not None:
             return web.Response(body=malformed_body(faults.malformed, reply), content_type="application/json")
         return web.json_response(reply.body)
 

@@ -26,6 +26,7 @@ class Call:
     now: datetime
     organizations: tuple[Organization, ...]  # the enterprise's, as listed now
     page_size: int  # the most items a list page holds, whatever the client asks for
+    runaway_cursor: bool = False  # the fault: every list page says a next one follows
 
     @property
     def enterprise_org_ids(self) -> tuple[str, ...]:

@@ -157,15 +157,17 @@ def _page(call: Call, items: Sequence[JSONValue], lead: JSONPath, required: JSON
     skip = reader.integer("skip", 0, ge=0)
     limit = reader.integer("limit", 100, ge=1, le=200)
     reader.check()
-    page = list(items[skip : skip + min(limit, call.page_size)])
-    has_more = skip + len(page) < len(items)
+    size = min(limit, call.page_size)
+    page = list(items[skip : skip + size])
+    has_more = call.runaway_cursor or skip + len(page) < len(items)
     body: dict[str, JSONValue] = {
         "items": page,
         "total": len(items),
         "skip": skip,
         "limit": limit,
         "has_more": has_more,
-        "next_cursor": skip + len(page) if has_more else None,
+        # A runaway list steps on past its end, so the next request is never the same one.
+        "next_cursor": (skip + size if call.runaway_cursor else skip + len(page)) if has_more else None,
     }
     if not page:
         return Reply(body, lead=("total",), required=("items",))

@@ -372,12 +372,15 @@ def _page(call: Call, items: Sequence[JSONValue], lead: JSONPath, required: JSON
         reader.errors.append(validation_error("value_error", "after", "Value error, not a cursor of this list", after))
         offset = 0
     reader.check()
-    page = list(items[offset : offset + min(first, call.page_size)])
-    has_next = offset + len(page) < len(items)
+    size = min(first, call.page_size)
+    page = list(items[offset : offset + size])
+    has_next = call.runaway_cursor or offset + len(page) < len(items)
+    # A runaway list steps on past its end, so every cursor is a new one.
+    end = offset + size if call.runaway_cursor else offset + len(page)
     body: dict[str, JSONValue] = {
         "items": page,
         "has_next_page": has_next,
-        "end_cursor": _cursor(offset + len(page)) if has_next else None,
+        "end_cursor": _cursor(end) if has_next else None,
         "total": len(items),
     }
     if not page:
