@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import re
+import signal
+import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -46,6 +51,7 @@ from exporter.simulator import (
     expected_sessions,
     expected_usage,
     expected_usage_v3,
+    main,
 )
 
 NOW = datetime(2026, 11, 24, 18, 7, 30, tzinfo=UTC)
@@ -1117,3 +1123,58 @@ async def test_v3_requests_are_recorded_with_their_full_query(client: Client, ap
         ),
         (f"{V3_DAILY}/users/u-9", {"time_after": ["x"]}, 422),
     ]
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+async def test_simulate_takes_a_v3_token_from_the_environment_and_a_page_size() -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        "DEVIN_API_KEY": "cog_from_env",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "exporter.simulator", "--listen", "127.0.0.1:0", "--page-size", "4",
+        stdout=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), timeout=10)).decode()
+        match = re.fullmatch(r"simulator listening on (http://127\.0\.0\.1:\d+)\n", line)
+        assert match is not None, line
+        url = match.group(1)
+        async with aiohttp.ClientSession() as session:
+            env_token = {"Authorization": "Bearer cog_from_env"}
+            async with session.get(url + V3_ORGS, headers=env_token) as resp:
+                assert resp.status == 200
+                assert len((await resp.json())["items"]) == 4
+            async with session.get(url + QUEUE, headers=V3_AUTH) as resp:
+                assert resp.status == 401  # the environment's token replaced the default
+            async with session.get(url + USAGE_PATH, headers=V2_AUTH) as resp:
+                assert resp.status == 200  # a cog_ variable leaves the v2 key at its default
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), timeout=5) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("argv", "mentions"),
+    [
+        (["--api-key", "cog_x"], "--v3-token"),
+        (["--v3-token", "apk_user_x"], "cog_"),
+        (["--page-size", "0"], "integer >= 1"),
+    ],
+)
+def test_simulate_rejects_tokens_of_the_wrong_family(
+    argv: list[str], mentions: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert mentions in capsys.readouterr().err

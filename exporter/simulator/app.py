@@ -30,6 +30,7 @@ __all__ = [
     "FAULTS_KEY",
     "ORGANIZATIONS_KEY",
     "REQUESTS_KEY",
+    "V3_TOKEN_PREFIX",
     "CreateAppOptions",
     "RecordedRequest",
     "create_app",
@@ -40,7 +41,7 @@ __all__ = [
 DEFAULT_DEMO_KEY: Final = "apk_user_simulator"
 DEFAULT_V3_TOKEN: Final = "cog_simulator"
 # Every v3 credential has this prefix; v2 takes none of them, v3 nothing else.
-_V3_TOKEN_PREFIX: Final = "cog_"
+V3_TOKEN_PREFIX: Final = "cog_"
 
 # Bounded so a long-running demo does not grow without limit; tests look at far fewer.
 _MAX_RECORDED_REQUESTS: Final = 10_000
@@ -249,7 +250,7 @@ def _check_token(request: web.Request, state: _State) -> web.Response | None:
         return _error(request, 401, "Not authenticated", _CHALLENGE)
     v3_path = _version(request.path) == "v3"
     expected = state.v3_token if v3_path else state.api_key
-    if token.startswith(_V3_TOKEN_PREFIX) != v3_path or (
+    if token.startswith(V3_TOKEN_PREFIX) != v3_path or (
         expected is not None and not hmac.compare_digest(token.encode(), expected.encode())
     ):
         return _error(request, 401, "Invalid token" if v3_path else "Invalid API key", _CHALLENGE)
@@ -473,10 +474,10 @@ def create_app(
     """
     if page_size < 1:
         raise ValueError("page_size must be at least 1")
-    if api_key is not None and api_key.startswith(_V3_TOKEN_PREFIX):
-        raise ValueError(f"api_key is for /v2 paths, which refuse {_V3_TOKEN_PREFIX} tokens")
-    if v3_token is not None and not v3_token.startswith(_V3_TOKEN_PREFIX):
-        raise ValueError(f"v3_token must start with {_V3_TOKEN_PREFIX}")
+    if api_key is not None and api_key.startswith(V3_TOKEN_PREFIX):
+        raise ValueError(f"api_key is for /v2 paths, which refuse {V3_TOKEN_PREFIX} tokens")
+    if v3_token is not None and not v3_token.startswith(V3_TOKEN_PREFIX):
+        raise ValueError(f"v3_token must start with {V3_TOKEN_PREFIX}")
     app = web.Application(middlewares=[_record_and_shape_errors])
     app[FAULTS_KEY] = faults if faults is not None else Faults()
     app[REQUESTS_KEY] = collections.deque(maxlen=_MAX_RECORDED_REQUESTS)

@@ -11,9 +11,15 @@ import sys
 from collections.abc import Sequence
 from typing import cast
 
-from exporter.simulator.app import DEFAULT_DEMO_KEY, CreateAppOptions, start_simulator, url
+from exporter.simulator.app import (
+    DEFAULT_DEMO_KEY,
+    DEFAULT_V3_TOKEN,
+    V3_TOKEN_PREFIX,
+    CreateAppOptions,
+    start_simulator,
+    url,
+)
 from exporter.simulator.faults import Faults
-from exporter.simulator.v2 import USAGE_PATH
 
 __all__ = ["main"]
 
@@ -45,12 +51,30 @@ def _share(value: str) -> float:
     return number
 
 
+def _v2_key(value: str) -> str:
+    if value.startswith(V3_TOKEN_PREFIX):
+        raise argparse.ArgumentTypeError(f"a {V3_TOKEN_PREFIX} token is for /v3 paths: give it as --v3-token")
+    return value
+
+
+def _v3_token(value: str) -> str:
+    if not value.startswith(V3_TOKEN_PREFIX):
+        raise argparse.ArgumentTypeError(f"v3 service-user tokens start with {V3_TOKEN_PREFIX}, got one that does not")
+    return value
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="devin-usage-exporter simulate",
-        description="Serve a simulated Devin usage metrics API (GET "
-        + USAGE_PATH
-        + ") for demos and tests.",
+        description="Serve a simulated Devin enterprise API (v2 under /v2/enterprise, v3 under "
+        "/v3/enterprise: usage and other metrics, consumption, organizations, queue) for demos "
+        "and tests, with faults switchable at /-/faults.",
     )
     parser.add_argument(
         "--listen",
@@ -61,9 +85,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--api-key",
+        type=_v2_key,
         default=None,
         metavar="KEY",
-        help=f"bearer token to accept (default: $DEVIN_API_KEY, else {DEFAULT_DEMO_KEY})",
+        help=f"bearer token /v2 paths accept (default: $DEVIN_API_KEY unless it is a {V3_TOKEN_PREFIX} token, "
+        f"else {DEFAULT_DEMO_KEY})",
+    )
+    parser.add_argument(
+        "--v3-token",
+        type=_v3_token,
+        default=None,
+        metavar="TOKEN",
+        help=f"bearer token /v3 paths accept, {V3_TOKEN_PREFIX}... (default: $DEVIN_API_KEY if it is a "
+        f"{V3_TOKEN_PREFIX} token, else {DEFAULT_V3_TOKEN})",
+    )
+    parser.add_argument(
+        "--page-size",
+        type=_positive_int,
+        default=2,
+        metavar="N",
+        help="most items a list page holds, whatever a client asks for (default: 2)",
     )
     parser.add_argument(
         "--latency", type=_non_negative, default=0.0, help="seconds added to every response"
@@ -94,13 +135,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the simulator until SIGTERM or SIGINT; 0 on a clean stop, 1 if it cannot listen."""
     args = _parser().parse_args(argv)
     host, port = cast(tuple[str, int], args.listen)
-    api_key = cast(str | None, args.api_key) or os.environ.get("DEVIN_API_KEY") or DEFAULT_DEMO_KEY
+    # One environment variable serves either version, as the exporter's own does.
+    env_key = os.environ.get("DEVIN_API_KEY") or None
+    env_is_v3 = env_key is not None and env_key.startswith(V3_TOKEN_PREFIX)
     options: CreateAppOptions = {
-        "api_key": api_key,
-        "faults": Faults(
-            latency=cast(float, args.latency), error_rate=cast(float, args.error_rate)
-        ),
+        "api_key": cast(str | None, args.api_key) or (None if env_is_v3 else env_key) or DEFAULT_DEMO_KEY,
+        "v3_token": cast(str | None, args.v3_token) or (env_key if env_is_v3 else None) or DEFAULT_V3_TOKEN,
+        "faults": Faults(latency=cast(float, args.latency), error_rate=cast(float, args.error_rate)),
         "seed": cast(int, args.seed),
+        "page_size": cast(int, args.page_size),
     }
     try:
         asyncio.run(_serve(host, port, options))
