@@ -218,10 +218,15 @@ _SIZE_WEIGHTS: Final = (0.30, 0.30, 0.22, 0.12, 0.06)
 _MERGED_SIZE_WEIGHTS: Final = (0.10, 0.25, 0.30, 0.22, 0.13)  # bigger sessions merge more
 
 
-def _shares(org_id: str, kind: str, weights: Sequence[float]) -> tuple[float, ...]:
+def _chain(org_id: str, kind: str, weights: Sequence[float]) -> tuple[float, ...]:
+    """This org's shares of the weights (each varied by up to ±50%), as `_split` takes them: per
+    bucket but the last, the part of what is left that passes on to the buckets after it."""
     varied = [w * (0.5 + _unit(kind, org_id, str(i))) for i, w in enumerate(weights)]
-    total = sum(varied)
-    return tuple(v / total for v in varied)
+    ratios, remaining = [], sum(varied)
+    for share in varied[:-1]:
+        ratios.append(min(1.0, max(0.0, 1.0 - share / remaining)))
+        remaining -= share
+    return tuple(ratios)
 
 
 @dataclass(frozen=True)
@@ -237,7 +242,7 @@ class _OrgProfile:
     p_search: float
     p_merging_session: float  # sessions with a merged PR, per merged PR (some merge several)
     acus_per_session: float
-    origins: tuple[float, ...]
+    origins: tuple[float, ...]  # each a chain for _split
     sizes: tuple[float, ...]
     merged_sizes: tuple[float, ...]
 
@@ -256,9 +261,9 @@ def _org_profile(org_id: str) -> _OrgProfile:
         p_search=0.20 + 0.50 * _unit("with-search", org_id),
         p_merging_session=0.75 + 0.20 * _unit("merging", org_id),
         acus_per_session=0.8 + 3.2 * _unit("acus", org_id),
-        origins=_shares(org_id, "origin", _ORIGIN_WEIGHTS),
-        sizes=_shares(org_id, "size", _SIZE_WEIGHTS),
-        merged_sizes=_shares(org_id, "merged-size", _MERGED_SIZE_WEIGHTS),
+        origins=_chain(org_id, "origin", _ORIGIN_WEIGHTS),
+        sizes=_chain(org_id, "size", _SIZE_WEIGHTS),
+        merged_sizes=_chain(org_id, "merged-size", _MERGED_SIZE_WEIGHTS),
     )
 
 
@@ -289,7 +294,7 @@ def _wave(hours: float, rate: float, phase: float) -> float:
     return rate * (hours + _WAVE_AMPLITUDE / omega * math.sin(omega * hours + phase))
 
 
-def _split(total: int, shares: Sequence[float]) -> list[int]:
+def _split(total: int, chain: Sequence[float]) -> list[int]:
     """Split a cumulative count into buckets that sum to it exactly and each never shrink as it grows.
 
     A chain: each bucket keeps `rest - floor(rest * q)` of what is left, and `x - floor(x*q)` and
@@ -297,12 +302,11 @@ def _split(total: int, shares: Sequence[float]) -> list[int]:
     instead would let a bucket lose one now and then, and a window's count go negative.)
     """
     buckets: list[int] = []
-    rest, remaining = total, 1.0
-    for share in shares[:-1]:
-        passed = min(1.0, max(0.0, 1.0 - share / remaining)) if remaining > 0 else 0.0
+    rest = total
+    for passed in chain:
         onward = math.floor(rest * passed)
         buckets.append(rest - onward)
-        rest, remaining = onward, remaining - share
+        rest = onward
     buckets.append(rest)
     return buckets
 
