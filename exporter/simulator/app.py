@@ -1,4 +1,4 @@
-"""The simulator's aiohttp app: request log, faults, bearer check, rate limit and the `/-/` control plane."""
+"""The simulator's aiohttp app: request log, faults, token check, rate limit and the `/-/` control plane."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final, Literal, TypedDict, Unpack, cast
+from typing import Final, TypedDict, Unpack, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -116,11 +116,8 @@ def _utc_now() -> datetime:
 # --------------------------------------------------------------------------------------------
 
 
-Version = Literal["v2", "v3"]
-
-
-def _version(path: str) -> Version:
-    return "v3" if path.startswith("/v3/") else "v2"
+def _on_v3(request: web.Request) -> bool:
+    return request.path.startswith("/v3/")
 
 
 def _detail(status: int, detail: JSONValue, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -148,7 +145,7 @@ def _problem(
 
 def _error(request: web.Request, status: int, detail: str, headers: Mapping[str, str] | None = None) -> web.Response:
     """An error reply in the shape of the request's API version: problem JSON on v3, FastAPI's on v2."""
-    if _version(request.path) == "v3":
+    if _on_v3(request):
         return _problem(status, detail, request.path, headers, errors=[] if status == 422 else None)
     return _detail(status, detail, headers)
 
@@ -160,7 +157,7 @@ def _where(entry: ErrorEntry) -> str:
 
 
 def _unprocessable(request: web.Request, errors: list[ErrorEntry]) -> web.Response:
-    if _version(request.path) == "v3":
+    if _on_v3(request):
         # v3 keeps `detail` a string (the legacy list moved to `errors`).
         summary = "; ".join(f"{_where(e)}: {e['msg']}" for e in errors)
         return _problem(422, summary, request.path, errors=errors)
@@ -176,7 +173,11 @@ def _html_error(status: int) -> web.Response:
     )
 
 
-_CHALLENGE: Final = {"WWW-Authenticate": "Bearer"}
+def _unauthorized(request: web.Request, detail: str | None = None) -> web.Response:
+    """A 401 with the bearer challenge; by default the detail of a token this path does not take."""
+    if detail is None:
+        detail = "Invalid token" if _on_v3(request) else "Invalid API key"
+    return _error(request, 401, detail, {"WWW-Authenticate": "Bearer"})
 
 
 def _fault_status_response(request: web.Request, status: int, retry_after: str | None) -> web.Response:
@@ -186,11 +187,10 @@ def _fault_status_response(request: web.Request, status: int, retry_after: str |
     if status >= 500:
         # What a load balancer in front of the API sends, not FastAPI: HTML, not JSON.
         return _html_error(status)
-    v3_path = _version(request.path) == "v3"
     if status == 401:
-        return _error(request, 401, "Invalid token" if v3_path else "Invalid API key", _CHALLENGE)
+        return _unauthorized(request)
     if status == 403:
-        if not v3_path:
+        if not _on_v3(request):
             return _detail(403, "Enterprise admin API key required")
         needed = v3.permission(request.path)
         if needed is not None:
@@ -247,13 +247,13 @@ def _check_token(request: web.Request, state: _State) -> web.Response | None:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        return _error(request, 401, "Not authenticated", _CHALLENGE)
-    v3_path = _version(request.path) == "v3"
-    expected = state.v3_token if v3_path else state.api_key
-    if token.startswith(V3_TOKEN_PREFIX) != v3_path or (
+        return _unauthorized(request, "Not authenticated")
+    v3 = _on_v3(request)
+    expected = state.v3_token if v3 else state.api_key
+    if token.startswith(V3_TOKEN_PREFIX) != v3 or (
         expected is not None and not hmac.compare_digest(token.encode(), expected.encode())
     ):
-        return _error(request, 401, "Invalid token" if v3_path else "Invalid API key", _CHALLENGE)
+        return _unauthorized(request)
     return None
 
 
@@ -299,9 +299,9 @@ def _api(route: Route) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         state = request.app[_STATE_KEY]
         faults = request.app[FAULTS_KEY]
-        # Not `or`: a Response is a MutableMapping, and an empty one is falsy.
         scoped = faults.applies_to(request.path)
         refused = await _fault_response(request, state, faults) if scoped else None
+        # Not `or`: a Response is a MutableMapping, and an empty one is falsy.
         if refused is None:
             refused = _check_token(request, state)
         if refused is None:

@@ -156,6 +156,19 @@ class QueryReader:
         """An array parameter: every value of the repeated key, in order."""
         return list(self._query.get(name, ()))
 
+    def date_time(self, name: str) -> datetime | None:
+        """A `datetime | None` parameter (see `parse_datetime`): None when absent or bad."""
+        raw = self.last(name)
+        if raw is None:
+            return None
+        try:
+            return parse_datetime(raw)
+        except ValueError as exc:
+            reason = str(exc)
+            message = f"Input should be a valid datetime or date, {reason}"
+            self.errors.append(validation_error("datetime_from_date_parsing", name, message, raw, {"error": reason}))
+            return None
+
     def integer(self, name: str, default: int | None, *, ge: int | None = None, le: int | None = None) -> int:
         """An `int` parameter (required when `default` is None) with optional bounds."""
         raw = self.last(name)

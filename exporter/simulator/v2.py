@@ -19,8 +19,8 @@ from exporter.simulator.model import (
     scope,
     window,
 )
-from exporter.simulator.query import QueryReader, parse_datetime, validation_error
-from exporter.simulator.route import Call, ErrorEntry, Invalid, JSONPath, JSONValue, Reply, Route
+from exporter.simulator.query import QueryReader, validation_error
+from exporter.simulator.route import Call, Invalid, JSONPath, JSONValue, Reply, Route
 
 __all__ = [
     "CYCLES_PATH",
@@ -56,12 +56,12 @@ def expected_usage(
 ) -> dict[str, int]:
     """The exact counts GET /v2/enterprise/metrics/usage returns for this query at time `now`.
 
-    No `org_ids` means the whole enterprise: `enterprise_org_ids`, the ids of the organizations
-    the app lists (the default ones unless a test changed them).
-
     A missing `start` is the start of `now`'s billing cycle (the 5th of the month at 08:00 UTC,
     see `billing_cycle`), a missing `end` is `now`; together that is the cycle so far. Nothing has
     happened after `now`, so the window is clipped to it. Raises ValueError if start > end.
+
+    No `org_ids` means the whole enterprise: `enterprise_org_ids`, the ids of the organizations
+    the app lists (the default ones unless a test changed them).
     """
     start, end = window(start, end, now)
     done = activity(scope(org_ids, enterprise_org_ids), user_ids, start, end)
@@ -74,61 +74,35 @@ def expected_usage(
     }
 
 
-def _read_window(call: Call) -> tuple[datetime | None, datetime | None]:
+def _read_window(reader: QueryReader) -> tuple[datetime | None, datetime | None]:
     """The (start, end) the query asks for; raises Invalid with FastAPI-shaped errors."""
-    errors: list[ErrorEntry] = []
-    parsed: dict[str, datetime] = {}
-    raw: dict[str, str] = {}
-    for name in ("start_date", "end_date", "start", "end"):  # FastAPI's declaration order
-        values = call.query.get(name, ())
-        if not values:
-            continue
-        value = values[-1]  # like Starlette, the last of repeated scalar keys wins
-        raw[name] = value
-        try:
-            parsed[name] = parse_datetime(value)
-        except ValueError as exc:
-            reason = str(exc)
-            errors.append(
-                validation_error(
-                    "datetime_from_date_parsing",
-                    name,
-                    f"Input should be a valid datetime or date, {reason}",
-                    value,
-                    {"error": reason},
-                )
-            )
+    names = ("start_date", "end_date", "start", "end")  # FastAPI's declaration order
+    parsed = {name: reader.date_time(name) for name in names}
+    given = [name for name in names if reader.last(name) is not None]
     # The documented names win over the aliases when both are sent.
-    start_name = "start_date" if "start_date" in raw else "start" if "start" in raw else None
-    end_name = "end_date" if "end_date" in raw else "end" if "end" in raw else None
+    start_name = next((n for n in ("start_date", "start") if n in given), None)
+    end_name = next((n for n in ("end_date", "end") if n in given), None)
     # The real API's behaviour with only one bound is undocumented. The exporter always sends
     # both or neither, so the simulator is stricter than upstream here: a half-built window is a
     # bug in the exporter, and failing loudly catches it.
     if (start_name is None) != (end_name is None):
         missing = "start_date" if start_name is None else "end_date"
-        errors.append(validation_error("missing", missing, "Field required", None))
-    if errors:
-        raise Invalid(errors)
+        reader.errors.append(validation_error("missing", missing, "Field required", None))
+    reader.check()
     if start_name is None or end_name is None:
         return None, None
     start, end = parsed[start_name], parsed[end_name]
+    assert start is not None and end is not None  # given and without errors
     if start > end:
-        raise Invalid(
-            [
-                validation_error(
-                    "value_error",
-                    start_name,
-                    f"Value error, {start_name} must not be after {end_name}",
-                    raw[start_name],
-                    {"error": {}},  # FastAPI serialises the ValueError in ctx as an empty object
-                )
-            ]
-        )
+        message = f"Value error, {start_name} must not be after {end_name}"
+        # FastAPI serialises the ValueError in ctx as an empty object.
+        error = validation_error("value_error", start_name, message, reader.last(start_name), {"error": {}})
+        raise Invalid([error])
     return start, end
 
 
 def _usage(call: Call) -> Reply:
-    start, end = _read_window(call)
+    start, end = _read_window(QueryReader(call.query))
     # An end in the future is accepted and counts stop at "now": a clock-skewed exporter
     # should see plausible numbers, not an error upstream never documented.
     counts = expected_usage(
@@ -250,7 +224,7 @@ def expected_consumption_v2(
 
 
 def _daily(call: Call) -> Reply:
-    start, end = _read_window(call)
+    start, end = _read_window(QueryReader(call.query))
     body = expected_consumption_v2(
         call.query.get("org_ids", ()),
         start,
