@@ -31,6 +31,7 @@ from exporter.simulator import (
     USAGE_FIELDS,
     USAGE_PATH,
     Faults,
+    billing_cycle,
     create_app,
     expected_usage,
     main,
@@ -365,8 +366,8 @@ async def test_one_hour_of_a_typical_org_is_not_zero(client: Client) -> None:
 
 async def test_no_dates_means_the_billing_cycle_so_far(client: Client, clock: FakeClock) -> None:
     body = await counts(client, [])
-    month_start = datetime(2026, 11, 1, tzinfo=UTC)
-    assert body == expected_usage([], [], month_start, NOW, now=NOW)
+    cycle_start = datetime(2026, 11, 5, 8, tzinfo=UTC)  # cycles start on the 5th, 08:00 UTC
+    assert body == expected_usage([], [], cycle_start, NOW, now=NOW)
     clock.advance(3600)
     grown = await counts(client, [])
     assert grown["sessions_count"] > body["sessions_count"]
@@ -415,6 +416,29 @@ def test_naive_datetimes_are_utc() -> None:
     assert expected_usage([], [], naive - timedelta(hours=3), naive, now=naive) == expected_usage(
         [], [], NOW - timedelta(hours=3), NOW, now=NOW
     )
+
+
+# ---------------------------------------------------------------------- billing calendar
+
+
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("instant", "start", "end"),
+    [
+        (NOW, utc(2026, 11, 5, 8), utc(2026, 12, 5, 8)),
+        (utc(2026, 11, 5, 8), utc(2026, 11, 5, 8), utc(2026, 12, 5, 8)),
+        (utc(2026, 11, 5, 7, 59, 59), utc(2026, 10, 5, 8), utc(2026, 11, 5, 8)),
+        (utc(2026, 12, 31, 23), utc(2026, 12, 5, 8), utc(2027, 1, 5, 8)),
+        (utc(2027, 1, 2), utc(2026, 12, 5, 8), utc(2027, 1, 5, 8)),
+        # Fixed 08:00 UTC all year: no shift for Pacific daylight time.
+        (utc(2026, 7, 5, 7, 30), utc(2026, 6, 5, 8), utc(2026, 7, 5, 8)),
+    ],
+)
+def test_billing_cycles_run_from_the_5th_at_0800_utc(instant: datetime, start: datetime, end: datetime) -> None:
+    assert billing_cycle(instant) == (start, end)
 
 
 # -------------------------------------------------------------------------------- faults

@@ -1,0 +1,5 @@
+"""Entry point for `python -m exporter.simulator`."""
+
+from exporter.simulator.cli import main
+
+raise SystemExit(main())
