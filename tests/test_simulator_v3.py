@@ -396,6 +396,24 @@ async def test_v3_bad_first_or_cursor_is_a_problem_422(client: Client, params: P
     assert problem["detail"] == f"query.{params[0][0]}: {entry['msg']}"
 
 
+SEVEN = [*DEFAULT_ORGANIZATIONS, Organization("org-7", "Seventh")]
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 3, 7, 50])
+@pytest.mark.parametrize("asked", [1, 2, 5, 200])
+async def test_both_paging_styles_list_every_item_once_whatever_the_sizes(
+    aiohttp_client: MakeClient, clock: FakeClock, page_size: int, asked: int
+) -> None:
+    client = await aiohttp_client(create_app(clock=clock, organizations=SEVEN, page_size=page_size))
+    per_page = min(page_size, asked)
+    v2_pages, v3_pages = await pages_v2(client, V2_ORGS, limit=asked), await pages_v3(client, V3_ORGS, first=asked)
+    for pages in (v2_pages, v3_pages):
+        assert [len(p["items"]) for p in pages[:-1]] == [per_page] * (len(pages) - 1)
+        assert 0 < len(pages[-1]["items"]) <= per_page
+    assert items(v2_pages) == expected_organizations_v2(SEVEN)
+    assert items(v3_pages) == expected_organizations_v3(SEVEN)
+
+
 async def test_organizations_control_endpoint_lists_renames_adds_and_removes(
     client: Client, app: web.Application, clock: FakeClock
 ) -> None:

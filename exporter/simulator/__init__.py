@@ -1,8 +1,7 @@
-"""A faithful stand-in for Devin's enterprise API, over real sockets, with switchable faults.
+"""A faithful stand-in for Devin's enterprise API, v2 and v3, over real sockets, with switchable faults."""
 
-`app` serves the routes of `v2` and `v3` behind shared auth, faults, rate limit and request log;
-`model` computes every number; the `expected_*` helpers say exactly what a route serves.
-"""
+# `app` serves the routes of `v2` and `v3` behind one front (token check, faults, rate limit,
+# request log); `model` computes every number; each `expected_*` says exactly what a route serves.
 
 from exporter.simulator.app import (
     DEFAULT_DEMO_KEY,

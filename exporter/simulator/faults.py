@@ -36,7 +36,8 @@ class Faults:
     Mutate it in place (tests hold the same object the app uses) or POST to `/-/faults`. Faults
     apply to every API route of both versions, never to the `/-/` control plane; `paths`
     narrows the ones that answer instead of the API (status, malformed, hang, latency,
-    error_rate, redirect) to request paths under one of its prefixes.
+    error_rate, redirect) to request paths under one of its prefixes, while
+    rate_limit_per_second and runaway_cursor always apply everywhere.
     """
 
     latency: float = 0.0  # seconds added before every answer
