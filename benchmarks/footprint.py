@@ -56,7 +56,7 @@ async def measure(sets: int, windows: int, latency: float, idle: float) -> dict[
         attempts = exporter.stats.version
         cpu = cpu_seconds()
         await wait_first_cycle(lambda: exporter.stats.version - attempts >= sets * windows
-                               and exporter.snapshot.ready(), within=600)
+                               and exporter.ready(), within=600)
         first_cycle_cpu = cpu_seconds() - cpu
         rss_polled = rss_mb()
         cpu = cpu_seconds()

@@ -33,8 +33,9 @@ from _common import (
     wait_first_cycle,
 )
 
-from exporter.transport import CONNECTOR_LIMIT
+from exporter.plan import plan_of
 from exporter.service import Exporter
+from exporter.transport import CONNECTOR_LIMIT
 
 
 async def measure(sets: int, windows: int, concurrency: int, latency: float, rps: float) -> dict[str, object]:
@@ -51,7 +52,7 @@ async def measure(sets: int, windows: int, concurrency: int, latency: float, rps
             if exporter.stats.version - attempts < schedules:
                 return False
             snap = exporter.snapshot
-            return all(snap.result(s.name, w.name).last_attempt is not None for s, w in snap.schedules())
+            return all(snap.result(k.org_set, *k.slot).last_attempt is not None for k in plan_of(snap.config).keys)
 
         sim_cpu, cpu = sim.cpu_seconds(), cpu_seconds()
         started = time.perf_counter()
@@ -60,10 +61,10 @@ async def measure(sets: int, windows: int, concurrency: int, latency: float, rps
         elapsed = time.perf_counter() - started
         cpu, sim_cpu = cpu_seconds() - cpu, sim.cpu_seconds() - sim_cpu
         snap = exporter.snapshot
-        failed = sum(not snap.result(s.name, w.name).ok for s, w in snap.schedules())
+        failed = sum(not snap.result(k.org_set, *k.slot).ok for k in plan_of(snap.config).keys)
         # What each request took as the exporter saw it: the simulator's L plus its own queueing.
-        attempts = sum(sum(stats.buckets) for _, stats in exporter.stats.items())
-        latency = sum(stats.duration_sum for _, stats in exporter.stats.items()) / max(1, attempts)
+        attempts, seconds = exporter.stats.attempts()
+        latency = seconds / max(1, attempts)
         result = {"sets": sets, "windows": windows, "schedules": schedules, "seconds": elapsed,
                   "cpu": cpu, "sim_cpu": sim_cpu, "failed": failed, "latency": latency, "rss_mb": rss_mb(),
                   "peak_rss_mb": peak_rss_mb()}

@@ -88,7 +88,7 @@ async def measure(sets: int, windows: int, latency: float, requests: int, warmup
         attempts = exporter.stats.version
         started = time.perf_counter()
         await wait_first_cycle(lambda: exporter.stats.version - attempts >= schedules
-                               and exporter.snapshot.ready(), within=600)
+                               and exporter.ready(), within=600)
         first_cycle = time.perf_counter() - started
         results: dict[str, object] = {"sets": sets, "first_cycle": first_cycle}
         async with ClientSession(auto_decompress=False, skip_auto_headers=("Accept-Encoding",)) as http:

@@ -38,6 +38,7 @@ from aiohttp import web
 
 from exporter.config import parse_config
 from exporter.logs import setup_logging
+from exporter.plan import plan_of
 from exporter.server import create_app
 from exporter.service import Exporter
 
@@ -158,6 +159,7 @@ poll:
   jitter: 0.1
   stale_after: 3
 windows: [{", ".join(WINDOWS[:windows])}]
+collectors: {{organizations: {{enabled: false}}}}
 org_sets:
 {sets}server:
   listen: 127.0.0.1:0
@@ -208,12 +210,12 @@ async def scrape(session: aiohttp.ClientSession, url: str, stop: asyncio.Event, 
 
 
 def attempts_by_outcome(exporter: Exporter) -> tuple[int, dict[str, int]]:
-    total = 0
+    total, _ = exporter.stats.attempts()
     reasons: dict[str, int] = {}
     for _, stats in exporter.stats.items():
-        total += sum(stats.buckets)
-        for reason, count in stats.reasons.items():
-            reasons[reason] = reasons.get(reason, 0) + count
+        for counts in stats.by_collector.values():
+            for reason, count in counts.reasons.items():
+                reasons[reason] = reasons.get(reason, 0) + count
     return total, {k: v for k, v in sorted(reasons.items()) if v}
 
 
@@ -233,7 +235,7 @@ async def soak(args: argparse.Namespace) -> int:
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         port = runner.addresses[0][1]
-        schedules = len(exporter.snapshot.schedules())
+        schedules = len(plan_of(exporter.config).keys)
         print(
             f"soak: {args.org_sets} org sets x {args.windows} windows = {schedules} schedules every "
             f"{args.interval}, simulator error rate {args.error_rate}, for {args.duration:g}s "

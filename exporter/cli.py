@@ -15,8 +15,9 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from exporter import __version__
-from exporter.config import Config, ConfigError, load_config, parse_listen
+from exporter.config import ApiVersion, Config, ConfigError, load_config, parse_listen
 from exporter.logs import LOG_LEVELS, setup_logging
+from exporter.plan import plan_of
 from exporter.server import create_app
 from exporter.service import Exporter
 from exporter.shard import Shard, parse_shard
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--demo", action="store_true",
                       help="run against the embedded API simulator with a built-in config")
     mode.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--api-version", choices=("v3", "v2"), default="v3",
+                        help="with --demo: the API version the demo speaks (default v3; v2 is the legacy path)")
     return parser
 
 
@@ -80,7 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     setup_logging(args.log_level, args.log_format)
     if args.demo:
-        return _run(_demo(args.listen))
+        return _run(_demo(args.listen, args.api_version))
+    if "--api-version" in args_list or any(a.startswith("--api-version=") for a in args_list):
+        print("devin-usage-exporter: --api-version is for --demo; set api.version in the config",
+              file=sys.stderr)
+        return 2
 
     def load() -> Config:
         config = load_config(args.config)
@@ -106,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.check_config:
         print(config.summary())
+        # What this config cannot publish, and why (never a number under a label meaning something else).
+        for note in plan_of(config).notes:
+            print(f"note: {note}")
         return 0
     if args.once:
         return _run(_once(config))
@@ -146,7 +156,7 @@ async def serve(exporter: Exporter, reload: Callable[[], Config], *, announce: s
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reloader(exporter, reload))
-    runner = web.AppRunner(create_app(exporter), access_log=None, handle_signals=False,
+    runner = web.AppRunner(create_app(exporter, reload), access_log=None, handle_signals=False,
                            shutdown_timeout=SHUTDOWN_TIMEOUT)
     try:
         await runner.setup()  # starts polling through the app's cleanup_ctx
@@ -196,14 +206,15 @@ def _reloader(exporter: Exporter, reload: Callable[[], Config]) -> Callable[[], 
     return on_sighup
 
 
-async def _demo(listen: tuple[str, int] | None) -> int:
+async def _demo(listen: tuple[str, int] | None, version: ApiVersion) -> int:
     from exporter.demo import DEMO_LISTEN, demo_config
-    from exporter.simulator import DEFAULT_DEMO_KEY, start_simulator
+    from exporter.simulator import DEFAULT_DEMO_KEY, DEFAULT_V3_TOKEN, start_simulator
 
     runner, base_url = await start_simulator()
     try:
         address = f"{listen[0]}:{listen[1]}" if listen else DEMO_LISTEN
-        config = demo_config(base_url, DEFAULT_DEMO_KEY, address)
+        key = DEFAULT_V3_TOKEN if version == "v3" else DEFAULT_DEMO_KEY
+        config = demo_config(base_url, key, address, version)
         log.info("demo: simulated Devin API", extra={"url": base_url})
         return await serve(Exporter(config), lambda: config,
                            announce="Demo running: open {url} (metrics at {url}metrics). Ctrl-C stops it.")

@@ -1,4 +1,4 @@
-"""The app's own registry: usage and health families built at scrape time from the snapshot and API counters."""
+"""The app's own registry: every family built at scrape time from the snapshot's points, health and API counters."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -16,23 +16,19 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from exporter import __version__
-from exporter.transport import Attempt, ErrorReason
+from exporter.catalogue import CATALOGUE, COLLECTORS, all_families
+from exporter.catalogue.declare import Derived, Family, Point
 from exporter.config import IDENTIFIER_RE, OrgSet
-from exporter.snapshot import Snapshot
+from exporter.plan import plan_of
+from exporter.selfmetrics import SELF
+from exporter.snapshot import ENTERPRISE, Snapshot
+from exporter.transport import Attempt, ErrorReason
 
 log = logging.getLogger(__name__)
 
-# API field -> metric suffix, in the order of SPEC §5.
-USAGE_FIELDS: Final = {
-    "sessions_count": ("sessions", "Devin sessions"),
-    "searches_count": ("searches", "Devin searches"),
-    "prs_opened": ("prs_opened", "pull requests opened by Devin"),
-    "prs_closed": ("prs_closed", "pull requests opened by Devin that were closed"),
-    "prs_merged": ("prs_merged", "pull requests opened by Devin that were merged"),
-}
-_RESERVED_SUFFIXES: Final = {suffix for suffix, _ in USAGE_FIELDS.values()} | {
-    "last_success_timestamp_seconds"}
 LATENCY_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Names an undocumented v2 field may not take: every declared family and the health ones.
+_RESERVED_NAMES: Final = frozenset(f.name for f in all_families()) | frozenset(SELF)
 
 
 def _seconds(value: float) -> str:
@@ -43,50 +39,82 @@ def _seconds(value: float) -> str:
 
 
 @dataclass
-class _OrgApiStats:
+class _Counts:
+    """One (owner, collector)'s requests, errors and latencies."""
+
     codes: dict[str, int] = field(default_factory=dict)
-    # Every reason from 0, so rate() and increase() see an org set's very first error.
+    # Every reason from 0, so rate() and increase() see a collector's very first error.
     reasons: dict[str, int] = field(default_factory=lambda: dict.fromkeys(map(str, ErrorReason), 0))
     buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     duration_sum: float = 0.0
+
+
+@dataclass
+class _OrgApiStats:
+    by_collector: dict[str, _Counts] = field(default_factory=dict)
     version: int = 0  # bumped on every change, so a rendered exposition knows when it is out of date
 
 
 class ApiStats:
-    """Cumulative per-org request, error and latency counts, fed by the client's observer."""
+    """Cumulative request, error and latency counts per owner (org set, or ENTERPRISE) and collector,
+    fed by the transport's observer."""
 
     def __init__(self) -> None:
         self._orgs: dict[str, _OrgApiStats] = {}
-        self.version = 0  # bumped on every change to any org set's counts or to the set of org sets
+        self.version = 0  # bumped on every change to any owner's counts or to the set of owners
 
     def observe(self, attempt: Attempt) -> None:
-        stats = self._orgs.get(attempt.org_set)
+        stats = self._orgs.get(attempt.org_set or ENTERPRISE)
         if stats is None:
             return  # a reply for an org set a reload removed while it was in flight
+        counts = stats.by_collector.get(attempt.collector)
+        if counts is None:
+            counts = stats.by_collector[attempt.collector] = _Counts()
         if attempt.status is not None:
             code = str(attempt.status)
-            stats.codes[code] = stats.codes.get(code, 0) + 1
+            counts.codes[code] = counts.codes.get(code, 0) + 1
         if attempt.reason is not None:
-            stats.reasons[str(attempt.reason)] = stats.reasons.get(str(attempt.reason), 0) + 1
-        stats.buckets[bisect.bisect_left(LATENCY_BUCKETS, attempt.duration)] += 1
-        stats.duration_sum += attempt.duration
+            counts.reasons[str(attempt.reason)] = counts.reasons.get(str(attempt.reason), 0) + 1
+        counts.buckets[bisect.bisect_left(LATENCY_BUCKETS, attempt.duration)] += 1
+        counts.duration_sum += attempt.duration
         stats.version += 1
         self.version += 1
 
-    def track(self, org_sets: Iterable[str]) -> None:
-        """Count for exactly these org sets: new ones start at 0, removed ones' series disappear."""
+    def track(self, owners: Iterable[str], collectors: Callable[[str], Iterable[str]] | None = None) -> None:
+        """Count for exactly these owners: new ones start at 0, removed ones' series disappear.
+
+        `collectors(owner)` names the collectors whose counters start at 0 for the owner (default:
+        usage for org sets); others appear with their first request."""
         # Kept in name order here, once per reload, rather than sorted on every render.
-        self._orgs = {name: self._orgs.get(name) or _OrgApiStats() for name in sorted(set(org_sets))}
+        new: dict[str, _OrgApiStats] = {}
+        for name in sorted(set(owners)):
+            stats = self._orgs.get(name) or _OrgApiStats()
+            for collector in (collectors(name) if collectors else (() if name == ENTERPRISE else ("usage",))):
+                if collector not in stats.by_collector:
+                    stats.by_collector[collector] = _Counts()
+                    stats.version += 1
+            new[name] = stats
+        self._orgs = new
         self.version += 1
 
     def items(self) -> Iterator[tuple[str, _OrgApiStats]]:
         return iter(self._orgs.items())
+
+    def attempts(self) -> tuple[int, float]:
+        """(attempts, their total seconds) over every owner and collector (for the benchmarks)."""
+        counts = [c for stats in self._orgs.values() for c in stats.by_collector.values()]
+        return sum(sum(c.buckets) for c in counts), sum(c.duration_sum for c in counts)
 
 
 @dataclass
 class ReloadStatus:
     successful: bool = True
     last_success: float = field(default_factory=time.time)
+
+
+def _metric(name: str, extra_help: str = "") -> Metric:
+    family = SELF[name]
+    return Metric(name, family.help + extra_help, family.type)
 
 
 class ExporterCollector(Collector):
@@ -102,106 +130,150 @@ class ExporterCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
-        yield from self.usage_families(snap, snap.config.org_sets, self._clock())[0]
-        yield from self.health_families(snap, snap.config.org_sets)
+        owners = plan_of(snap.config).owners
+        yield from self.data_families(snap, owners, self._clock())[0]
+        yield from self.health_families(snap, owners)
         yield from self.api_families(self._stats.items())
-        yield from self.exporter_families()
+        yield from self.exporter_families(snap)
 
-    # Each group below is built for any subset of org sets, so the cached exposition
-    # (exposition.py) can render one org set at a time and merge the results by family.
+    # Each group below is built for any subset of owners (org sets, and ENTERPRISE for the
+    # enterprise-level collectors), so the cached exposition (exposition.py) can render one owner
+    # at a time and merge the results by family.
 
-    def usage_families(self, snap: Snapshot, org_sets: Iterable[OrgSet],
-                       now: float) -> tuple[list[Metric], float]:
-        """The usage families with samples, and the time after which one of them goes stale."""
+    def data_families(self, snap: Snapshot, owners: Iterable[str], now: float) -> tuple[list[Metric], float]:
+        """The families of the collectors' points with samples, and the time after which one of them goes stale."""
         config = snap.config
+        plan = plan_of(config)
+        sets = _sets_by_name(config.org_sets)
         horizon = math.inf
-        help_tail = (f"; refreshed by a background poller every {_seconds(config.poll.interval)} "
-                     "by default (per-window intervals may differ), not at scrape time")
         families: dict[str, Metric] = {}
-        for api_field, (suffix, what) in USAGE_FIELDS.items():
-            families[api_field] = Metric(f"devin_usage_{suffix}",
-                                         f"Count of {what} in the trailing window, as returned by the "
-                                         f"Devin usage API{help_tail}", "gauge")
-        for org_set, window in ((s, w) for s in org_sets for w in s.windows):
-            result = snap.result(org_set.name, window.name)
-            if result.values is None or result.last_success is None:
+        for collector in CATALOGUE:
+            tail = (f"; refreshed by a background poller every {_seconds(config.collector(collector.name).interval)} "
+                    "by default (per-window intervals may differ), not at scrape time")
+            for declared in (*collector.families, *(d.family for d in collector.derived)):
+                families[declared.name] = Metric(declared.name, declared.help + tail, "gauge")
+        for owner in owners:
+            results = snap.of(owner)
+            org_set = sets.get(owner)
+            if owner == ENTERPRISE and not plan.publish_enterprise:
                 continue
-            # One expression for the test and the horizon, so a cached rendering expires exactly
-            # when this would first drop the series.
-            stale_at = result.last_success + config.poll.stale_after * window.interval
-            if now > stale_at:
-                continue  # stale: the health series stay so alerts can fire
-            horizon = min(horizon, stale_at)
-            labels = {"org": org_set.name, "window": window.name, **dict(org_set.labels)}
-            for api_field, value in result.values.items():
-                family = families.get(api_field) or self._extra_family(api_field, families, help_tail)
-                if family is not None:
-                    family.add_sample(family.name, labels, value)
+            for key in plan.of(owner):
+                result = results.get(key.slot)
+                if result is None or result.points is None or result.last_success is None:
+                    continue
+                # One expression for the test and the horizon, so a cached rendering expires exactly
+                # when this would first drop the series.
+                stale_at = result.last_success + config.poll.stale_after * key.interval
+                if now > stale_at:
+                    continue  # stale: the health series stay so alerts can fire
+                horizon = min(horizon, stale_at)
+                scope: dict[str, str] = {}
+                if org_set is not None:
+                    scope["org"] = org_set.name
+                    if key.window is not None:
+                        scope["window"] = key.window.name
+                static = dict(org_set.labels) if org_set is not None else {}
+                for point in result.points:
+                    family = families.get(point.family) or self._extra_family(point.family, families)
+                    if family is not None:
+                        family.add_sample(family.name, {**scope, **dict(point.labels), **static}, point.value)
+                if owner == ENTERPRISE:
+                    self._derived(COLLECTORS[key.collector].derived, result.points, config.org_sets, families)
         return [f for f in families.values() if f.samples], horizon
 
-    def _extra_family(self, api_field: str, families: dict[str, Metric], help_tail: str) -> Metric | None:
-        """A family for a numeric field the API added beyond the documented five."""
-        if not IDENTIFIER_RE.fullmatch(api_field) or api_field in _RESERVED_SUFFIXES:
+    @staticmethod
+    def _derived(derived: Sequence[Derived], points: Sequence[Point], org_sets: Sequence[OrgSet],
+                 families: dict[str, Metric]) -> None:
+        """Per-org-set families computed from an enterprise collector's points (an org set's ACU limit)."""
+        for item in derived:
+            family = families[item.family.name]
+            for org_set in org_sets:
+                value = item.value(points, org_set)
+                if value is not None:
+                    family.add_sample(family.name, {"org": org_set.name, **dict(org_set.labels)}, value)
+
+    def _extra_family(self, name: str, families: dict[str, Metric]) -> Metric | None:
+        """A family for a numeric field the v2 usage API added beyond the documented five."""
+        field_name = name.removeprefix("devin_usage_")
+        if not IDENTIFIER_RE.fullmatch(field_name) or name in _RESERVED_NAMES:
             return None
-        if api_field not in self._announced_extras:
-            self._announced_extras.add(api_field)
+        if field_name not in self._announced_extras:
+            self._announced_extras.add(field_name)
             log.info("exporting an undocumented numeric field of the usage API",
-                     extra={"field": api_field, "metric": f"devin_usage_{api_field}"})
-        family = Metric(f"devin_usage_{api_field}",
-                        f"Undocumented usage API field {api_field} in the trailing window{help_tail}",
-                        "gauge")
-        families[api_field] = family
+                     extra={"field": field_name, "metric": name})
+        family = Metric(name, f"Undocumented usage API field {field_name} in the trailing window", "gauge")
+        families[name] = family
         return family
 
-    def health_families(self, snap: Snapshot, org_sets: Iterable[OrgSet]) -> list[Metric]:
-        up = Metric("devin_up", "1 if the latest poll of every window of the org set succeeded, else 0",
-                    "gauge")
-        last = Metric("devin_usage_last_success_timestamp_seconds",
-                      "Unix time of the last successful poll of the org set and window", "gauge")
-        # Lets alert rules judge staleness relative to each window's own interval.
-        interval = Metric("devin_exporter_poll_interval_seconds",
-                          "Configured poll interval of the org set and window", "gauge")
-        for org_set in org_sets:
-            up.add_sample("devin_up", {"org": org_set.name}, 1.0 if snap.up(org_set) else 0.0)
-            for window in org_set.windows:
-                interval.add_sample(interval.name, {"org": org_set.name, "window": window.name},
-                                    window.interval)
-                ts = snap.result(org_set.name, window.name).last_success
+    def health_families(self, snap: Snapshot, owners: Iterable[str]) -> list[Metric]:
+        plan = plan_of(snap.config)
+        up = _metric("devin_up")
+        last = _metric("devin_usage_last_success_timestamp_seconds")
+        interval = _metric("devin_exporter_poll_interval_seconds")
+        collector_up = _metric("devin_collector_up")
+        collector_last = _metric("devin_collector_last_success_timestamp_seconds")
+        for owner in owners:
+            if owner == ENTERPRISE and not plan.publish_enterprise:
+                continue
+            org = {"org": owner} if owner != ENTERPRISE else {}
+            if owner != ENTERPRISE:
+                up.add_sample(up.name, org, 1.0 if plan.up(snap, owner) else 0.0)
+            results = snap.of(owner)
+            states: dict[str, bool] = {}
+            for key in plan.of(owner):
+                result = results.get(key.slot)
+                ok = result is not None and result.ok
+                states[key.collector] = states.get(key.collector, True) and ok
+                where = {"collector": key.collector, **org,
+                         **({"window": key.window.name} if key.window is not None else {})}
+                interval.add_sample(interval.name, where, key.interval)
+                ts = result.last_success if result is not None else None
                 if ts is not None:
-                    last.add_sample(last.name, {"org": org_set.name, "window": window.name}, ts)
-        return [up, last, interval]
+                    collector_last.add_sample(collector_last.name, where, ts)
+                    if key.collector == "usage":
+                        last.add_sample(last.name, {**org, "window": where["window"]}, ts)
+            for name, ok in states.items():
+                collector_up.add_sample(collector_up.name, {"collector": name, **org}, 1.0 if ok else 0.0)
+        return [up, last, interval, collector_up, collector_last]
 
-    def api_families(self, orgs: Iterable[tuple[str, _OrgApiStats]]) -> list[Metric]:
-        requests = Metric("devin_exporter_api_requests", "HTTP responses received from the Devin API, "
-                          "by status code", "counter")
-        errors = Metric("devin_exporter_api_errors", "Failed Devin API attempts, by reason", "counter")
-        latency = Metric("devin_exporter_api_request_duration_seconds",
-                         "Latency of each Devin API attempt", "histogram")
-        for org, stats in orgs:
-            for code, count in sorted(stats.codes.items()):
-                requests.add_sample("devin_exporter_api_requests_total", {"org": org, "code": code}, count)
-            for reason, count in sorted(stats.reasons.items()):
-                errors.add_sample("devin_exporter_api_errors_total", {"org": org, "reason": reason}, count)
-            cumulative = 0
-            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), stats.buckets, strict=False):
-                cumulative += count
-                le = "+Inf" if bound == float("inf") else repr(bound)
-                latency.add_sample(latency.name + "_bucket", {"org": org, "le": le}, cumulative)
-            latency.add_sample(latency.name + "_count", {"org": org}, cumulative)
-            latency.add_sample(latency.name + "_sum", {"org": org}, stats.duration_sum)
+    def api_families(self, owners: Iterable[tuple[str, _OrgApiStats]]) -> list[Metric]:
+        requests = _metric("devin_exporter_api_requests_total")
+        errors = _metric("devin_exporter_api_errors_total")
+        latency = _metric("devin_exporter_api_request_duration_seconds")
+        requests.name = requests.name.removesuffix("_total")
+        errors.name = errors.name.removesuffix("_total")
+        for owner, stats in owners:
+            org = {"org": owner} if owner != ENTERPRISE else {}
+            for collector, counts in sorted(stats.by_collector.items()):
+                where = {"collector": collector, **org}
+                for code, count in sorted(counts.codes.items()):
+                    requests.add_sample("devin_exporter_api_requests_total", {**where, "code": code}, count)
+                for reason, count in sorted(counts.reasons.items()):
+                    errors.add_sample("devin_exporter_api_errors_total", {**where, "reason": reason}, count)
+                cumulative = 0
+                for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts.buckets, strict=False):
+                    cumulative += count
+                    le = "+Inf" if bound == float("inf") else repr(bound)
+                    latency.add_sample(latency.name + "_bucket", {**where, "le": le}, cumulative)
+                latency.add_sample(latency.name + "_count", where, cumulative)
+                latency.add_sample(latency.name + "_sum", where, counts.duration_sum)
         return [requests, errors, latency]
 
-    def exporter_families(self) -> list[Metric]:
-        info = Metric("devin_exporter_build_info", "Build information; constant 1", "gauge")
-        info.add_sample(info.name, {"version": __version__,
-                                    "python_version": platform.python_version()}, 1.0)
-        ok = Metric("devin_exporter_config_last_reload_successful",
-                    "1 if the last config load or reload succeeded, else 0", "gauge")
+    def exporter_families(self, snap: Snapshot | None = None) -> list[Metric]:
+        snap = snap or self._snapshot()
+        info = _metric("devin_exporter_build_info")
+        info.add_sample(info.name, {"version": __version__, "python_version": platform.python_version()}, 1.0)
+        api = _metric("devin_exporter_api_info")
+        api.add_sample(api.name, {"version": snap.config.api.version}, 1.0)
+        ok = _metric("devin_exporter_config_last_reload_successful")
         ok.add_sample(ok.name, {}, 1.0 if self._reload.successful else 0.0)
-        ts = Metric("devin_exporter_config_last_reload_success_timestamp_seconds",
-                    "Unix time of the last successful config load or reload", "gauge")
+        ts = _metric("devin_exporter_config_last_reload_success_timestamp_seconds")
         ts.add_sample(ts.name, {}, self._reload.last_success)
-        return [info, ok, ts]
+        return [info, api, ok, ts]
+
+
+def _sets_by_name(org_sets: Sequence[OrgSet]) -> dict[str, OrgSet]:
+    return {s.name: s for s in org_sets}
 
 
 def build_registry(collector: ExporterCollector) -> CollectorRegistry:
@@ -223,4 +295,5 @@ def register_runtime_collectors(registry: CollectorRegistry) -> None:
     GCCollector(registry=registry)
 
 
-
+__all__ = ["LATENCY_BUCKETS", "ApiStats", "ExporterCollector", "Family", "ReloadStatus", "build_registry",
+           "register_runtime_collectors"]

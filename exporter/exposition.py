@@ -56,6 +56,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from exporter.collector import ApiStats, ExporterCollector, register_runtime_collectors
+from exporter.plan import plan_of
 from exporter.snapshot import Snapshot
 
 Encoder = Callable[[Collector], bytes]
@@ -642,27 +643,26 @@ class Exposition:
         snap, now, version = self._snapshot(), self._clock(), self._stats.version
         current_at = self._monotonic()
         config, collector, previous = snap.config, self._collector, fmt.body
-        org_sets = config.org_sets
+        # Org sets, then the enterprise-level collectors' results under their own name (ENTERPRISE).
+        owners = plan_of(config).owners
 
         def render_usage(index: int) -> _Chunk:
-            org_set = org_sets[index]
-            families, horizon = collector.usage_families(snap, (org_set,), now)
+            families, horizon = collector.data_families(snap, (owners[index],), now)
             return _Chunk(fmt.render(families), now, horizon)
 
         def render_health(index: int) -> _Chunk:
-            org_set = org_sets[index]
-            families = collector.health_families(snap, (org_set,))
+            families = collector.health_families(snap, (owners[index],))
             return _Chunk(fmt.render(families))
 
         if previous is None or previous.snapshot.config is not config or now < previous.valid_from:
             usage: list[_Chunk] = []
             health: list[_Chunk] = []
-            for index in range(len(org_sets)):
+            for index in range(len(owners)):
                 usage.append(render_usage(index))
                 await self._rendered(1)
                 health.append(render_health(index))
                 await self._rendered(1)
-            names = [s.name for s in org_sets]
+            names = list(owners)
             fmt.usage.reset(names, usage)
             fmt.health.reset(list(names), health)
         else:

@@ -1,4 +1,8 @@
-"""Schedules the polls of every (org set, window) and publishes each outcome into a new snapshot."""
+"""Schedules the polls of every (collector, org set, window) and publishes each outcome into a new snapshot.
+
+It never names an endpoint: a schedule's collector declares what to ask (exporter/catalogue), and
+exporter/fetch.py asks it.
+"""
 
 from __future__ import annotations
 
@@ -7,40 +11,22 @@ import heapq
 import itertools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from exporter.transport import ApiError, UsageClient, UsageQuery
+from exporter.catalogue import COLLECTORS
+from exporter.catalogue.declare import Query
 from exporter.clocks import Clocks
-from exporter.config import Config, OrgSet, PollSettings, Window
-from exporter.snapshot import Snapshot, WindowResult
+from exporter.config import Config, OrgSet, Window
+from exporter.cycle import BillingCycle
+from exporter.fetch import fetch_points
+from exporter.plan import ScheduleKey, plan_of
+from exporter.snapshot import Result, Snapshot
+from exporter.transport import ApiError, Transport
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ScheduleKey:
-    """Everything that decides what a schedule asks the API; a reload keeps a schedule iff this is equal."""
-
-    org_set: str
-    org_ids: tuple[str, ...]
-    user_ids: tuple[str, ...]
-    window: Window
-    delay: float
-    timezone: str
-
-    def query_identity(self) -> tuple[object, ...]:
-        """What the API is asked, without the interval (which only decides when it is asked)."""
-        w = self.window
-        return (self.org_set, self.org_ids, self.user_ids, w.name, w.kind, w.range_seconds, self.delay,
-                self.timezone)
-
-    @classmethod
-    def of(cls, org_set: OrgSet, window: Window, poll: PollSettings) -> ScheduleKey:
-        # Only calendar windows depend on the zone; a zone change must not re-poll the others.
-        zone = poll.timezone if window.kind in ("today", "month_to_date") else "UTC"
-        return cls(org_set.name, org_set.org_ids, org_set.user_ids, window, poll.delay, zone)
 
 
 # Polls running at once, per unit of api.max_concurrency: the client bounds the requests in flight;
@@ -51,7 +37,7 @@ POLLS_PER_REQUEST_SLOT = 4
 
 @dataclass(eq=False)
 class Schedule:
-    """One (org set, window): when its next poll is due, and that poll while it runs."""
+    """One (collector, org set, window): when its next poll is due, and that poll while it runs."""
 
     key: ScheduleKey
     due: float  # monotonic
@@ -87,9 +73,11 @@ class Poller:
     at 1,000 org sets of 4 windows, and made a start with jitter 0 a burst of all of them.)
     """
 
-    def __init__(self, client: UsageClient, config: Config, clocks: Clocks | None = None) -> None:
+    def __init__(self, transport: Transport, config: Config, clocks: Clocks | None = None,
+                 on_result: Callable[[ScheduleKey, Result], None] | None = None) -> None:
         clocks = clocks or Clocks()
-        self._client = client
+        self._transport = transport
+        self._on_result = on_result  # the one back-edge: discovery and the billing cycle read results
         self._clock = clocks.wall
         self._monotonic = clocks.monotonic
         self._sleep = clocks.sleep
@@ -102,6 +90,7 @@ class Poller:
         self._wake_at = math.inf  # when the scheduler's sleep ends; a schedule due earlier wakes it
         self._full = False  # the scheduler waits for a poll slot; a finished poll wakes it
         self._runner: asyncio.Task[None] | None = None
+        self.cycle = BillingCycle(transport, clocks.wall)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -124,29 +113,30 @@ class Poller:
 
     def apply_config(self, config: Config) -> None:
         """Switch to a new config: unchanged schedules keep their timing and values."""
-        old = {ScheduleKey.of(s, w, self.snapshot.config.poll) for s, w in self.snapshot.schedules()}
-        new = {ScheduleKey.of(s, w, config.poll).query_identity() for s in config.org_sets for w in s.windows}
+        old = plan_of(self.snapshot.config).keys
+        new = {k.query_identity() for k in plan_of(config).keys}
         # Values survive when the same question is asked of the API; a schedule whose interval
         # changed gets a new schedule (new timing) but keeps its last values and devin_up.
-        kept = {(k.org_set, k.window.name) for k in old if k.query_identity() in new}
-        self._client.update_settings(config.api)
+        kept = {(k.org_set, k.slot) for k in old if k.query_identity() in new}
+        self._transport.update_settings(config.api)
         self.snapshot = self.snapshot.with_config(config, kept)
         if self._runner is not None:
             self._sync_schedules()
 
     def _sync_schedules(self) -> None:
         poll = self.snapshot.config.poll
-        wanted = {ScheduleKey.of(s, w, poll): w for s, w in self.snapshot.schedules()}
-        for key in [k for k in self._schedules if k not in wanted]:
+        wanted = plan_of(self.snapshot.config).keys
+        wanted_set = set(wanted)
+        for key in [k for k in self._schedules if k not in wanted_set]:
             schedule = self._schedules.pop(key)
             schedule.removed = True
             if schedule.poll is not None:
                 schedule.poll.cancel()
         now = self._monotonic()
-        for key, window in wanted.items():
+        for key in wanted:
             if key not in self._schedules:
                 # Spread first polls over the jitter span so a restart does not burst the API.
-                schedule = Schedule(key, now + self._random() * poll.jitter * window.interval)
+                schedule = Schedule(key, now + self._random() * poll.jitter * key.interval)
                 self._schedules[key] = schedule
                 self._timers.push(schedule)
         self._changed.set()
@@ -185,7 +175,7 @@ class Poller:
     def _start_poll(self, schedule: Schedule) -> None:
         key = schedule.key
         task = asyncio.create_task(self._poll_and_reschedule(schedule),
-                                   name=f"poll {key.org_set}/{key.window.name}")
+                                   name=f"poll {key.collector}/{key.org_set}/{key.slot[1]}")
         schedule.poll = task
         self._polls.add(task)
 
@@ -199,7 +189,7 @@ class Poller:
                 self._changed.set()
         if not schedule.removed:
             jitter = self.snapshot.config.poll.jitter
-            due = schedule.due + schedule.key.window.interval * (1 + jitter * (2 * self._random() - 1))
+            due = schedule.due + schedule.key.interval * (1 + jitter * (2 * self._random() - 1))
             # A poll that overran its interval (Retry-After, retries) must not cause a burst of catch-up polls.
             schedule.due = max(due, self._monotonic())
             self._timers.push(schedule)
@@ -208,48 +198,77 @@ class Poller:
 
     # --- polling -------------------------------------------------------------------------------
 
-    async def poll(self, key: ScheduleKey) -> bool:
-        """Poll one window of one org set now and publish the outcome; True on success."""
-        window = key.window
+    def key(self, collector: str, org_set: OrgSet | None, window: Window | None) -> ScheduleKey:
+        """The schedule of (collector, org set, window) under the running config (for tests and --once)."""
+        owner = org_set.name if org_set is not None else ""
+        name = window.name if window is not None else None
+        return next(k for k in plan_of(self.snapshot.config).of(owner)
+                    if k.collector == collector and k.slot[1] == name)
+
+    async def _query(self, key: ScheduleKey) -> Query:
+        """The filters and time bounds the schedule asks for now; a billing_cycle window may need
+        the current cycle from the API first (its failure fails the poll)."""
         now = datetime.fromtimestamp(self._clock(), tz=UTC)
-        start, end = window.bounds(now, key.delay, ZoneInfo(key.timezone))
-        query = UsageQuery(key.org_set, start, end, key.org_ids, key.user_ids)
-        previous = self.snapshot.result(key.org_set, window.name)
-        context = {"org_set": key.org_set, "window": window.name}
+        window = key.window
+        start: datetime | None = None
+        end: datetime | None = now
+        if window is not None:
+            start, end = window.bounds(now, key.delay, ZoneInfo(key.timezone))
+            if window.kind == "billing_cycle" and key.version in COLLECTORS[key.collector].cycle_bounds:
+                cycle_start = await self.cycle.start(key.version)
+                start, end = datetime.fromtimestamp(cycle_start, tz=UTC), now - timedelta(seconds=key.delay)
+        return Query(key.org_ids, key.user_ids, start, end, key.options)
+
+    async def poll(self, key: ScheduleKey) -> bool:
+        """Poll one schedule now and publish the outcome; True on success."""
+        collector = COLLECTORS[key.collector]
+        slot = key.slot
+        previous = self.snapshot.result(key.org_set, *slot)
+        context = {"collector": key.collector, **({"org_set": key.org_set} if key.org_set else {}),
+                   **({"window": slot[1]} if slot[1] is not None else {})}
         try:
-            values = await self._client.fetch(query)
+            query = await self._query(key)
+            points = await fetch_points(self._transport, collector, key.version, key.org_set or None,
+                                        key, query)
         except ApiError as exc:
             result = previous.failed(str(exc.reason), self._clock())
             if previous.error != result.error and not self._set_failing_with(key, result.error):
-                # One line per org set and change of reason, not per poll or window: a revoked key
-                # must not flood the log.
+                # One line per org set, collector and change of reason, not per poll or window: a
+                # revoked key must not flood the log.
                 log.warning("poll failed: %s", exc.message,
                             extra={**context, "reason": str(exc.reason), "status": exc.status})
             else:
                 log.debug("poll failed again", extra={**context, "reason": str(exc.reason)})
-            self._publish(key.org_set, window.name, result)
+            self._publish(key, result)
             return False
-        except Exception as exc:
+        except Exception as exc:  # a DeclarationError too: a bug, said loudly
             log.error("poll failed with an internal error: %s: %s", type(exc).__name__, exc, extra=context)
-            self._publish(key.org_set, window.name, previous.failed("internal", self._clock()))
+            self._publish(key, previous.failed("internal", self._clock()))
             return False
         if previous.error is not None and not self._set_failing_with(key, previous.error):
             log.info("poll recovered", extra={**context, "after": previous.error})
         log.debug("poll succeeded", extra=context)
-        self._publish(key.org_set, window.name, previous.succeeded(values, self._clock()))
+        self._publish(key, previous.succeeded(points, self._clock()))
         return True
 
     def _set_failing_with(self, key: ScheduleKey, reason: str | None) -> bool:
-        """Another window of the key's org set is already failing for `reason`."""
-        windows = self.snapshot.results.get(key.org_set, {})
-        return any(r.error == reason for name, r in windows.items() if name != key.window.name)
+        """Another window of the key's org set and collector is already failing for `reason`."""
+        results = self.snapshot.of(key.org_set)
+        return any(r.error == reason for slot, r in results.items()
+                   if slot[0] == key.collector and slot != key.slot)
 
-    def _publish(self, org_set: str, window: str, result: WindowResult) -> None:
-        self.snapshot = self.snapshot.with_result(org_set, window, result)
+    def _publish(self, key: ScheduleKey, result: Result) -> None:
+        self.snapshot = self.snapshot.with_result(key.org_set, key.slot, result)
+        if self._on_result is not None:
+            self._on_result(key, result)
 
     async def poll_all_once(self) -> bool:
-        """Poll every schedule once, concurrently (the client bounds it); True if all succeeded."""
-        poll = self.snapshot.config.poll
-        results = await asyncio.gather(
-            *(self.poll(ScheduleKey.of(s, w, poll)) for s, w in self.snapshot.schedules()))
-        return all(results)
+        """Poll every schedule once, concurrently (the transport bounds it); True if all succeeded.
+
+        Enterprise-level schedules go first: discovery and billing cycles come from them."""
+        keys = plan_of(self.snapshot.config).keys
+        first = [k for k in keys if not k.org_set]
+        done = list(await asyncio.gather(*(self.poll(k) for k in first)))
+        rest = plan_of(self.snapshot.config).keys  # discovery may have added org sets
+        done += await asyncio.gather(*(self.poll(k) for k in rest if k.org_set))
+        return all(done)

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import html
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
 from exporter import __version__
+from exporter.config import Config
 from exporter.exposition import metrics_handler
+from exporter.plan import plan_of
 from exporter.service import Exporter
+
+log = logging.getLogger("exporter")
 
 EXPORTER_KEY = web.AppKey("exporter", Exporter)
 
 
-def create_app(exporter: Exporter) -> web.Application:
+def create_app(exporter: Exporter, reload: Callable[[], Config] | None = None) -> web.Application:
+    """The app; `reload` loads the config anew for `POST /-/reload` (SPEC §13)."""
     # Basic auth from server.web_config_file guards every route but /healthz. Read once: like
     # the listen address, a changed web config takes effect on restart (a reload validates it).
     web_config = exporter.config.server.web_config
@@ -31,7 +37,25 @@ def create_app(exporter: Exporter) -> web.Application:
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/", _landing_page(exporter.clocks.wall))
+    app.router.add_route("*", "/-/reload", _reload_handler(reload))
     return app
+
+
+def _reload_handler(reload: Callable[[], Config] | None) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """`POST /-/reload`, as Prometheus' `--web.enable-lifecycle`: the same reload as SIGHUP, with its outcome."""
+    async def handler(request: web.Request) -> web.Response:
+        exporter = request.app[EXPORTER_KEY]
+        if not exporter.config.server.enable_lifecycle or reload is None:
+            return web.Response(status=403, text="Lifecycle API is not enabled (server.enable_lifecycle).\n")
+        if request.method != "POST":
+            return web.Response(status=405, headers={"Allow": "POST"}, text="Only POST reloads the config.\n")
+        server = exporter.config.server
+        if await exporter.reload(reload):
+            if exporter.config.server != server:
+                log.warning("server settings changed; they take effect after a restart")
+            return web.Response(text="config reloaded\n")
+        return web.Response(status=500, text=f"{exporter.last_reload_error}\n")
+    return handler
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -45,7 +69,9 @@ async def _readyz(request: web.Request) -> web.Response:
     if exporter.ready():
         return web.Response(text="ready\n")
     snapshot = exporter.snapshot
-    waiting = [s.name for s in snapshot.config.org_sets if not snapshot.attempted(s)]
+    plan = plan_of(snapshot.config)
+    waiting = [owner or "(enterprise collectors)" for owner in plan.owners
+               if plan.of(owner) and not plan.attempted(snapshot, owner)]
     return web.Response(status=503, text=f"waiting for a first poll of: {', '.join(waiting)}\n")
 
 
@@ -61,36 +87,43 @@ def render_landing_page(exporter: Exporter, now: float) -> str:
     snap = exporter.snapshot
     config = snap.config
     e = html.escape
+    plan = plan_of(config)
+    sets = {s.name: s for s in config.org_sets}
     rows = []
-    for org_set in config.org_sets:
-        for window in org_set.windows:
-            result = snap.result(org_set.name, window.name)
+    for owner in plan.owners:
+        org_set = sets.get(owner)
+        for key in plan.of(owner):
+            result = snap.result(owner, *key.slot)
             if result.last_attempt is None:
                 outcome = "not polled yet"
             elif result.ok:
                 outcome = f"ok {now - result.last_attempt:.0f}s ago"
             else:
                 outcome = f"failed ({result.error}) {now - result.last_attempt:.0f}s ago"
-            filters = ", ".join(filter(None, [
-                f"org_ids: {', '.join(org_set.org_ids)}" if org_set.org_ids else "",
-                f"user_ids: {', '.join(org_set.user_ids)}" if org_set.user_ids else "",
-            ])) or "whole enterprise"
+            if org_set is None:
+                filters = "enterprise-level"
+            else:
+                filters = ", ".join(filter(None, [
+                    f"org_ids: {', '.join(org_set.org_ids)}" if org_set.org_ids else "",
+                    f"user_ids: {', '.join(org_set.user_ids)}" if org_set.user_ids else "",
+                ])) or "whole enterprise"
             rows.append(
-                f"<tr><td>{e(org_set.name)}</td><td>{e(filters)}</td><td>{e(window.name)}</td>"
-                f"<td>{window.interval:g}s</td><td>{e(outcome)}</td></tr>")
+                f"<tr><td>{e(owner or '-')}</td><td>{e(key.collector)}</td><td>{e(filters)}</td>"
+                f"<td>{e(key.slot[1] or '-')}</td><td>{key.interval:g}s</td><td>{e(outcome)}</td></tr>")
     poll = config.poll
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>Devin usage exporter</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 10px;text-align:left}}</style></head>
 <body><h1>Devin usage exporter</h1>
-<p>Version {e(__version__)}. Polls {e(config.api.base_url)} in the background; scrapes never wait on it.</p>
+<p>Version {e(__version__)}. Polls {e(config.api.base_url)} (API {e(config.api.version)}) in the background;
+scrapes never wait on it.</p>
 <ul><li><a href="metrics">/metrics</a></li><li><a href="healthz">/healthz</a></li>
 <li><a href="readyz">/readyz</a></li></ul>
 <p>Poll: default interval {poll.interval:g}s, jitter {poll.jitter:g}, delay {poll.delay:g}s,
 stale after {poll.stale_after} intervals, time zone {e(poll.timezone)}.
 API: timeout {config.api.timeout:g}s, concurrency {config.api.max_concurrency},
 {config.api.max_requests_per_second:g} requests/s, {config.api.retries} retries.</p>
-<table><tr><th>org set</th><th>filter</th><th>window</th><th>interval</th><th>last poll</th></tr>
+<table><tr><th>org set</th><th>collector</th><th>filter</th><th>window</th><th>interval</th><th>last poll</th></tr>
 {"".join(rows)}
 </table></body></html>
 """

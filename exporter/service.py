@@ -1,4 +1,4 @@
-"""The running exporter: one HTTP client session, the poller and the metrics registry, with reload."""
+"""The running exporter: one HTTP session and transport, the poller, discovery and the registry, with reload."""
 
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from prometheus_client import CollectorRegistry
 
-from exporter.transport import UsageClient, new_session
+from exporter.catalogue.organizations import organizations
 from exporter.clocks import Clocks
-from exporter.config import Config, ConfigError
-from exporter.exposition import Exposition
 from exporter.collector import ApiStats, ExporterCollector, ReloadStatus, build_registry
+from exporter.config import Config, ConfigError, OrgSet
+from exporter.discovery import discovered_sets
+from exporter.exposition import Exposition
+from exporter.plan import ScheduleKey, plan_of
 from exporter.poller import Poller
-from exporter.snapshot import Snapshot
+from exporter.snapshot import ENTERPRISE, Result, Snapshot
+from exporter.transport import Transport, new_session
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +38,16 @@ class Exporter:
         random: Callable[[], float] = random_module.random,
     ) -> None:
         self._initial_config = config
+        self._base = config  # the config as loaded: discovered org sets are added to it at run time
+        self._discovered: tuple[OrgSet, ...] = ()
+        self._organizations: list[tuple[str, str]] | None = None  # the latest organizations list
         self.clocks = Clocks(wall=clock, monotonic=monotonic, sleep=sleep, random=random)
         self._clock = clock
         self.stats = ApiStats()
-        self.stats.track(s.name for s in config.org_sets)
+        self._track(config)
         self.reload_status = ReloadStatus(successful=True, last_success=clock())
+        self.last_reload_error: str | None = None  # the one-line reason the last reload was rejected
+        self._reloading = asyncio.Lock()
         self._poller: Poller | None = None
         self._was_ready = False
         self._session: aiohttp.ClientSession | None = None
@@ -65,18 +73,20 @@ class Exporter:
         """Create the one process-wide client session and the poller (not yet polling)."""
         self._session = new_session()
         clocks = self.clocks
-        client = UsageClient(self._session, self._initial_config.api, monotonic=clocks.monotonic,
-                             wall_clock=clocks.wall, sleep=clocks.sleep, random=clocks.random,
-                             observer=self.stats.observe)
-        self._poller = Poller(client, self._initial_config, clocks)
+        transport = Transport(self._session, self._initial_config.api, monotonic=clocks.monotonic,
+                              wall_clock=clocks.wall, sleep=clocks.sleep, random=clocks.random,
+                              observer=self.stats.observe)
+        self._poller = Poller(transport, self._initial_config, clocks, on_result=self._on_result)
         return self._poller
 
     async def start(self) -> None:
         poller = await self.open()
         poller.start()
         self._refresher = asyncio.create_task(self.exposition.run(), name="exposition refresh")
+        self._announce(self.config)
         log.info("polling started", extra={"org_sets": len(self.config.org_sets),
-                                           "schedules": len(self.snapshot.schedules())})
+                                           "schedules": len(plan_of(self.config).keys),
+                                           "api_version": self.config.api.version})
 
     async def close(self) -> None:
         if self._refresher is not None:
@@ -90,7 +100,7 @@ class Exporter:
     def ready(self) -> bool:
         """Every org set has had a first poll attempt; once true it stays true, so a reload
         that adds an org set does not pull the pod out of its Service while that set polls."""
-        self._was_ready = self._was_ready or self.snapshot.ready()
+        self._was_ready = self._was_ready or plan_of(self.config).ready(self.snapshot)
         return self._was_ready
 
     def alive(self) -> bool:
@@ -102,25 +112,76 @@ class Exporter:
         `load` (reading and parsing the YAML: ~0.4 s at 1,000 org sets) runs in a worker thread,
         so polls and scrapes go on meanwhile; the result is applied on the event loop.
         """
-        return self._apply(await asyncio.to_thread(_try_load, load))
+        async with self._reloading:  # SIGHUP and POST /-/reload: one at a time, each sees the last
+            return self._apply(await asyncio.to_thread(_try_load, load))
 
     def _apply(self, loaded: Config | str) -> bool:
         if isinstance(loaded, str):
             self.reload_status.successful = False
+            self.last_reload_error = loaded
             log.error("%s", loaded)
             return False
-        config = loaded
+        self.last_reload_error = None
+        self._base = loaded
+        # The organizations last listed keep their sets under the new config (new names, windows,
+        # labels or exclusions apply at once); a reload does not wait for the next organizations poll.
+        if self._organizations is not None and loaded.discovery.organizations:
+            self._discovered = discovered_sets(loaded, self._organizations)
+        elif not loaded.discovery.organizations:
+            self._discovered = ()
+        config = self._running(loaded)
+        self._switch(config)
+        self.reload_status.successful = True
+        self.reload_status.last_success = self._clock()
+        self._announce(config)
+        log.info("config reloaded", extra={"org_sets": len(config.org_sets),
+                                           "schedules": len(plan_of(config).keys)})
+        return True
+
+    def _running(self, base: Config) -> Config:
+        return base.with_org_sets(self._discovered) if self._discovered else base
+
+    def _switch(self, config: Config) -> None:
         if self._poller is not None:
             self._poller.apply_config(config)
         else:  # a SIGHUP during start-up, before the poller exists: start with the new config
             self._initial_config = config
             self._empty = Snapshot.empty(config)
-        self.stats.track(s.name for s in config.org_sets)
-        self.reload_status.successful = True
-        self.reload_status.last_success = self._clock()
-        log.info("config reloaded", extra={"org_sets": len(config.org_sets),
-                                           "schedules": len(self.snapshot.schedules())})
-        return True
+        self._track(config)
+
+    def _track(self, config: Config) -> None:
+        plan = plan_of(config)
+        self.stats.track(plan.owners, lambda owner: dict.fromkeys(k.collector for k in plan.of(owner)))
+
+    def _announce(self, config: Config) -> None:
+        """The start-up lines that say what this config cannot do, once per load."""
+        if config.api.version == "v2":
+            log.warning("API v2 is deprecated upstream (\"use API v3 with service user authentication\"); "
+                        "see the README on moving to a cog_ service user token")
+        for note in (*config.notes, *plan_of(config).notes):
+            log.info("%s", note)
+
+    def _on_result(self, key: ScheduleKey, result: Result) -> None:
+        """The one back-edge of the data flow: what the organizations collector lists drives the
+        billing cycle other schedules send and, with discovery on, the discovered org sets."""
+        if key.collector != "organizations" or key.org_set != ENTERPRISE or not result.ok:
+            return
+        points = result.points or ()
+        if self._poller is not None:
+            self._poller.cycle.learn(points)
+        listed = organizations(points)
+        self._organizations = listed
+        if not self._base.discovery.organizations:
+            return
+        discovered = discovered_sets(self._base, listed)
+        if discovered != self._discovered:
+            before = {s.name for s in self._discovered}
+            after = {s.name for s in discovered}
+            self._discovered = discovered
+            self._switch(self._running(self._base))
+            log.info("discovered organizations changed", extra={
+                "added": ", ".join(sorted(after - before)) or None,
+                "removed": ", ".join(sorted(before - after)) or None, "org_sets": len(self.config.org_sets)})
 
 
 def _try_load(load: Callable[[], Config]) -> Config | str:

@@ -1,4 +1,8 @@
-"""One call to Devin's usage endpoint: errors classified, retried with backoff, rate-limited and paused per key."""
+"""The one HTTP transport per credential: GET a path, errors classified, retries, limits, the per-key pause.
+
+It knows no endpoint: what to ask (path, parameters) and how to read the reply (a parse function)
+come from the endpoint declarations in exporter/catalogue.
+"""
 
 from __future__ import annotations
 
@@ -13,50 +17,47 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
-from typing import Final
+from typing import Final, TypeVar
 
 import aiohttp
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
 from exporter import USER_AGENT
-from exporter.config import IDENTIFIER_RE, ApiSettings
+from exporter.config import ApiSettings
 
 __all__ = [
     "ApiError",
     "Attempt",
     "ErrorReason",
-    "UsageClient",
-    "UsageQuery",
-    "format_rfc3339",
+    "InvalidResponse",
+    "Request",
+    "Transport",
     "new_session",
     "parse_retry_after",
 ]
 
 logger = logging.getLogger(__name__)
 
-USAGE_PATH: Final = "/v2/enterprise/metrics/usage"
-REQUIRED_FIELDS: Final = ("sessions_count", "searches_count", "prs_opened", "prs_closed", "prs_merged")
-# Prometheus sample values are float64: above 2**53 an integer count can no longer be told
-# apart from its neighbours, so such a reply is wrong for our purpose, not merely big.
-MAX_EXACT_INT: Final = 2**53
 BACKOFF_BASE: Final = 1.0  # seconds
 BACKOFF_CAP: Final = 60.0  # seconds
 # A Retry-After of days would silently stop the exporter; an hour is already a long outage and
 # the poller keeps reporting failures meanwhile.
 RETRY_AFTER_CAP: Final = 3600.0
-# The reply is five integers; anything near this size is a proxy page or a bug, not usage data.
+# Replies are a few counts or one page of at most 200 list items; anything near this size is a
+# proxy page or a bug, not usage data.
 MAX_BODY_BYTES: Final = 1 << 20
 # A process-wide ceiling on sockets; the per-client limiter below is the real (reloadable) bound.
 CONNECTOR_LIMIT: Final = 32
 _SNIPPET_CHARS: Final = 200
 _MESSAGE_CHARS: Final = 1000
-# Extra fields become metric names (`devin_usage_<field>`), so only names that are valid there pass.
 # What an HTTP header value may carry; a key with a newline or space would be rejected by aiohttp
 # with an error we do not control, or worse, split the header.
+# A service user's token; anything else is a v2 personal key (config.py checks the pairing).
+V3_TOKEN_PREFIX: Final = "cog_"
 _HEADER_TOKEN: Final = re.compile(r"[\x21-\x7e]+")
 _BEARER_TOKEN: Final = re.compile(r"(?i)(bearer\s+)\S+")
 _HTML_TAG: Final = re.compile(r"<[^>]*>")
@@ -83,24 +84,26 @@ RETRYABLE: Final = frozenset(
 
 
 @dataclass(frozen=True)
-class UsageQuery:
-    """One (org set, window) question to the endpoint."""
+class Request:
+    """One GET to the API, as an endpoint declaration built it; the transport adds only the base URL
+    and the credential."""
 
-    org_set: str  # the org set's name, for observation/logging only
-    start: datetime | None  # both None: the current billing cycle (no dates sent)
-    end: datetime | None
-    org_ids: tuple[str, ...] = ()
-    user_ids: tuple[str, ...] = ()
+    path: str  # "/v3/enterprise/metrics/sessions", path parameters already filled in
+    params: tuple[tuple[str, str], ...] = ()  # pairs, so arrays repeat as FastAPI expects
+    org_set: str | None = None  # who asks, for the API counters and logs; None: the enterprise
+    collector: str = "usage"
+    permission: str | None = None  # the v3 permission the endpoint needs, named when it answers 403
 
 
 @dataclass(frozen=True)
 class Attempt:
     """One HTTP attempt, reported to the observer (metrics use it)."""
 
-    org_set: str
+    org_set: str | None  # None: an enterprise-level collector asked
     status: int | None  # HTTP status if a response arrived
     reason: ErrorReason | None  # None on success
     duration: float  # seconds, from the injected monotonic clock
+    collector: str = "usage"
 
 
 class ApiError(Exception):
@@ -134,17 +137,13 @@ class ApiError(Exception):
         return (ApiError, (self.reason, self.message), {"status": self.status, "retry_after": self.retry_after})
 
 
-class _InvalidResponse(ValueError):
-    """A 2xx body that is not the UsageMetrics object; only used inside this module."""
+class InvalidResponse(ValueError):
+    """A 2xx reply that is not what the endpoint declares; raised by parse functions, and by the
+    transport for a body that is not JSON. Its text names the field, never the field's input
+    beyond a short scalar (an echoing proxy could put the key there)."""
 
 
-def format_rfc3339(dt: datetime) -> str:
-    """`2026-11-24T18:00:00Z`: UTC, whole seconds (truncated), the form FastAPI/pydantic accept."""
-    if dt.tzinfo is None or dt.utcoffset() is None:
-        # A naive datetime is ambiguous; guessing would shift every window by the host's offset.
-        raise ValueError("format_rfc3339 needs a timezone-aware datetime")
-    utc = dt.astimezone(UTC).replace(microsecond=0, tzinfo=None)
-    return utc.isoformat() + "Z"
+T = TypeVar("T")
 
 
 def parse_retry_after(value: str, now: float) -> float | None:
@@ -179,7 +178,7 @@ def new_session() -> aiohttp.ClientSession:
     It does not read the environment itself (trust_env=False): aiohttp would then look up the
     proxy and ~/.netrc in a worker thread on every request, two thread hops per call, and a netrc
     entry for the API host would make every request fail next to our Authorization header.
-    UsageClient resolves HTTP(S)_PROXY / NO_PROXY once per base URL instead (see env_proxy).
+    Transport resolves HTTP(S)_PROXY / NO_PROXY once per base URL instead (see env_proxy).
     """
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=CONNECTOR_LIMIT, ttl_dns_cache=300),
@@ -272,7 +271,9 @@ def _validation_details(detail: list[object]) -> str:
 
 
 def _describe_body(body: bytes) -> str:
-    """What an error response says about itself, as briefly as it can be said."""
+    """What an error response says about itself, as briefly as it can be said: FastAPI's
+    `{"detail": [...]}` or `{"detail": "..."}`, or RFC 9457 problem JSON (v3: `title`, `detail` a
+    string, field errors in `errors`)."""
     if not body.strip():
         return ""
     try:
@@ -280,54 +281,29 @@ def _describe_body(body: bytes) -> str:
     except (ValueError, RecursionError):
         return _snippet(body)
     if isinstance(document, dict):
+        parts: list[str] = []
         detail = document.get("detail")
         if isinstance(detail, list):
-            described = _validation_details(detail)
-            if described:
-                return described
-        if isinstance(detail, str):
-            return _truncate(detail, _SNIPPET_CHARS)
+            parts.append(_validation_details(detail))
+        elif isinstance(detail, str):
+            parts.append(_truncate(detail, _SNIPPET_CHARS))
+        elif isinstance(document.get("title"), str):
+            parts.append(_truncate(str(document["title"]), _SNIPPET_CHARS))
+        errors = document.get("errors")
+        if isinstance(errors, list):
+            parts.append(_validation_details(errors))
+        described = "; ".join(p for p in parts if p)
+        if described:
+            return described
     return _snippet(body)
 
 
-def _describe_value(value: object) -> str:
-    # Scalars are shown; containers only by type, since their text could be large or deep.
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return _truncate(json.dumps(value), 40)
-    return "an array" if isinstance(value, list) else "an object"
-
-
-def _parse_usage(body: bytes) -> dict[str, float]:
+def _decode_json(body: bytes) -> object:
     try:
         document: object = json.loads(body)
     except (ValueError, RecursionError):
-        raise _InvalidResponse(f"body is not JSON: {_snippet(body)!r}") from None
-    if not isinstance(document, dict):
-        raise _InvalidResponse(f"body is JSON {type(document).__name__}, not an object")
-    result: dict[str, float] = {}
-    for name in REQUIRED_FIELDS:
-        if name not in document:
-            raise _InvalidResponse(f"field {name!r} is missing")
-        value = document[name]
-        # bool is an int subclass in Python, but `true` is not a count.
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise _InvalidResponse(f"field {name!r} is {_describe_value(value)}, not an integer")
-        if value < 0:
-            raise _InvalidResponse(f"field {name!r} is negative ({value})")
-        if value > MAX_EXACT_INT:
-            raise _InvalidResponse(f"field {name!r} is {value}, above 2**53 (not exact as a float)")
-        result[name] = value
-    for name, value in document.items():
-        if name in result or not isinstance(name, str) or not IDENTIFIER_RE.fullmatch(name):
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue  # extras are a bonus: anything that is not a plain count is ignored, not an error
-        if isinstance(value, int):
-            if 0 <= value <= MAX_EXACT_INT:
-                result[name] = value
-        elif math.isfinite(value) and value >= 0:
-            result[name] = value
-    return result
+        raise InvalidResponse(f"body is not JSON: {_snippet(body)!r}") from None
+    return document
 
 
 async def _read_limited(content: aiohttp.StreamReader, limit: int) -> tuple[bytes, bool]:
@@ -364,8 +340,8 @@ def _status_text(status: int) -> str:
         return f"HTTP {status}"
 
 
-class UsageClient:
-    """Fetches usage counts; one instance per API key, shared by every org set and window.
+class Transport:
+    """GETs from the Devin API; one instance per credential, shared by every collector, org set and window.
 
     All limits live on the instance because the upstream limit is per key: the in-flight bound,
     the request-rate spacing and the Retry-After pause apply to every caller together.
@@ -395,7 +371,7 @@ class UsageClient:
         self._paused_until: float | None = None
 
     def __repr__(self) -> str:
-        return f"UsageClient(base_url={self._settings.base_url!r})"
+        return f"Transport(base_url={self._settings.base_url!r})"
 
     @property
     def paused_until(self) -> float | None:
@@ -410,14 +386,18 @@ class UsageClient:
         self._proxy = env_proxy(settings.base_url)
         self._in_flight.set_limit(settings.max_concurrency)
 
-    async def fetch(self, query: UsageQuery) -> dict[str, float]:
-        """The five counts (ints) plus numeric extras; raises ApiError after the last failed attempt."""
+    async def get(self, request: Request, parse: Callable[[object], T]) -> T:
+        """`parse` of the reply's JSON document; raises ApiError after the last failed attempt.
+
+        `parse` raises InvalidResponse for a document the endpoint does not declare; that attempt
+        then counts as `invalid_response` and is not retried.
+        """
         retries = max(0, self._settings.retries)
         retry = 0
         while True:
             await self._acquire_send_permit()
             try:
-                outcome = await self._attempt(query, retry + 1)
+                outcome = await self._attempt(request, parse, retry + 1)
             finally:
                 self._in_flight.release()
             if not isinstance(outcome, ApiError):
@@ -433,7 +413,8 @@ class UsageClient:
             logger.debug(
                 "usage API retry scheduled",
                 extra={
-                    "org_set": query.org_set,
+                    "org_set": request.org_set,
+                    "collector": request.collector,
                     "retry": retry,
                     "reason": outcome.reason.value,
                     "delay_seconds": round(delay, 3),
@@ -504,22 +485,11 @@ class UsageClient:
         text = _BEARER_TOKEN.sub(r"\1***", text)
         return text.replace(key, "***") if key else text
 
-    def _params(self, query: UsageQuery) -> list[tuple[str, str]]:
-        # A list of pairs, not a dict, so org_ids/user_ids repeat as FastAPI expects.
-        params: list[tuple[str, str]] = []
-        if query.start is not None:
-            params.append(("start_date", format_rfc3339(query.start)))
-        if query.end is not None:
-            params.append(("end_date", format_rfc3339(query.end)))
-        params.extend(("org_ids", org_id) for org_id in query.org_ids)
-        params.extend(("user_ids", user_id) for user_id in query.user_ids)
-        return params
-
-    async def _attempt(self, query: UsageQuery, number: int) -> dict[str, float] | ApiError:
+    async def _attempt(self, request: Request, parse: Callable[[object], T], number: int) -> T | ApiError:
         settings = self._settings
         started = self._monotonic()
         status: int | None = None
-        outcome: dict[str, float] | ApiError
+        outcome: T | ApiError
         key = settings.api_key.reveal()
         if not _HEADER_TOKEN.fullmatch(key):
             outcome = self._error(
@@ -528,7 +498,7 @@ class UsageClient:
                 "check api.api_key",
             )
         else:
-            url = settings.base_url.rstrip("/") + USAGE_PATH
+            url = settings.base_url.rstrip("/") + request.path
             headers = {
                 "Authorization": f"Bearer {key}",
                 "User-Agent": USER_AGENT,
@@ -537,7 +507,7 @@ class UsageClient:
             try:
                 async with self._session.get(
                     url,
-                    params=self._params(query),
+                    params=list(request.params),
                     headers=headers,
                     timeout=aiohttp.ClientTimeout(total=settings.timeout),
                     # A redirect would carry the bearer token to wherever Location points.
@@ -548,7 +518,8 @@ class UsageClient:
                     status = response.status
                     retry_after = self._honour_retry_after(status, response.headers.get("Retry-After"))
                     body, truncated = await _read_limited(response.content, MAX_BODY_BYTES)
-                    outcome = self._interpret(status, body, truncated, retry_after, response.headers.get("Location"))
+                    outcome = self._interpret(request, parse, status, body, truncated, retry_after,
+                                              response.headers.get("Location"))
             except TimeoutError:
                 # Before ClientError: aiohttp's ServerTimeoutError is both, and it is a timeout.
                 outcome = self._error(
@@ -570,14 +541,16 @@ class UsageClient:
         logger.debug(
             "usage API attempt",
             extra={
-                "org_set": query.org_set,
+                "org_set": request.org_set,
+                "collector": request.collector,
+                "path": request.path,
                 "attempt": number,
                 "status": status,
                 "reason": reason.value if reason else None,
                 "duration_seconds": round(duration, 3),
             },
         )
-        self._observe(Attempt(query.org_set, status, reason, duration))
+        self._observe(Attempt(request.org_set, status, reason, duration, request.collector))
         return outcome
 
     def _honour_retry_after(self, status: int, header: str | None) -> float | None:
@@ -590,8 +563,9 @@ class UsageClient:
         return seconds
 
     def _interpret(
-        self, status: int, body: bytes, truncated: bool, retry_after: float | None, location: str | None
-    ) -> dict[str, float] | ApiError:
+        self, request: Request, parse: Callable[[object], T], status: int, body: bytes, truncated: bool,
+        retry_after: float | None, location: str | None,
+    ) -> T | ApiError:
         # Scrub the key before any text is cut short: _error's scrub cannot recognise a key that
         # truncation cut in half (`apk_user_AB12…`), and that first half would reach the log. On a
         # good reply this also keeps an echoed key from becoming an extra field's metric name.
@@ -609,12 +583,12 @@ class UsageClient:
                     status=status,
                 )
             try:
-                return _parse_usage(body)
-            except _InvalidResponse as exc:
+                return parse(_decode_json(body))
+            except InvalidResponse as exc:
                 return self._error(ErrorReason.INVALID_RESPONSE, f"{_status_text(status)} but {exc}", status=status)
         parts = [_status_text(status)]
         if reason is ErrorReason.AUTH:
-            parts.append("the API key was rejected (it must be an enterprise-admin personal API key, apk_user_…)")
+            parts.append(self._auth_problem(request, status))
         elif 300 <= status < 400:
             where = _truncate(location, _SNIPPET_CHARS) if location else "nowhere"
             parts.append(f"redirect to {where} not followed (it would carry the API key); check api.base_url")
@@ -627,6 +601,19 @@ class UsageClient:
             parts.append(described)
         message = parts[0] if len(parts) == 1 else f"{parts[0]}: {'; '.join(parts[1:])}"
         return self._error(reason, message, status=status, retry_after=retry_after)
+
+    def _auth_problem(self, request: Request, status: int) -> str:
+        """What a 401/403 means for this credential, in words an operator can act on."""
+        v3 = self._settings.api_key.reveal().startswith(V3_TOKEN_PREFIX)
+        if status == 403 and v3:
+            # v3 is role-based: a 403 is a missing permission of the service user, not a bad token,
+            # and only this collector's endpoints are affected.
+            needs = f" {request.permission}" if request.permission else " for this endpoint"
+            return (f"the service user lacks a permission: collector {request.collector} needs{needs} "
+                    "(Enterprise settings > Service users > role)")
+        if v3:
+            return "the service user token was rejected (it must be a v3 service user token, cog_…)"
+        return "the API key was rejected (it must be an enterprise-admin personal API key, apk_user_…)"
 
     def _observe(self, attempt: Attempt) -> None:
         if self._observer is None:

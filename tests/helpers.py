@@ -17,7 +17,8 @@ from typing import Final
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.config import Config, parse_config
+from exporter.config import Config, OrgSet, Window, parse_config
+from exporter.snapshot import Snapshot
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 # Recognisable, so a leak into /metrics, the landing page or a log is easy to grep for.
@@ -64,8 +65,13 @@ def make_config(
     retries: int = 0,
     timeout: str = "5s",
     key: str = KEY,
+    collectors: str = "{organizations: {enabled: false}}",
 ) -> Config:
-    """A config that polls every schedule exactly once, right away (no jitter, long interval)."""
+    """A config that polls every schedule exactly once, right away (no jitter, long interval).
+
+    Only the usage collector by default: release 0.1's tests count its requests and schedules;
+    tests of the other collectors pass `collectors`.
+    """
     text = f"""\
 api:
   base_url: {base_url}
@@ -81,6 +87,7 @@ poll:
   stale_after: {stale_after}
   timezone: {zone}
 windows: {windows}
+collectors: {collectors}
 org_sets:
 {textwrap.indent(textwrap.dedent(org_sets).strip(), "  ")}
 server:
@@ -184,3 +191,8 @@ class ExporterProcess:
     def _join_readers(self) -> None:
         for reader in self._readers:
             reader.join(timeout=2)
+
+
+def usage_schedules(snapshot: Snapshot) -> list[tuple[OrgSet, Window]]:
+    """Every (org set, window) of the usage collector: release 0.1's schedules."""
+    return [(s, w) for s in snapshot.config.org_sets for w in s.windows]

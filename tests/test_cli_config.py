@@ -75,9 +75,12 @@ def test_check_config_on_the_example_with_a_service_user_token_says_v3() -> None
     result = run("--check-config", "--config", str(EXAMPLE), env=base_env(DEVIN_API_KEY=COG))
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    (line,) = result.stdout.splitlines()
+    line, *notes = result.stdout.splitlines()
     assert line.startswith(f"{EXAMPLE}: OK: 3 org set(s), 11 schedule(s)")
     assert ", API v3 https://api.devin.ai, listen 0.0.0.0:9877" in line
+    # v3 searches take no user_ids: the set with user_ids gets none, and --check-config says so.
+    assert notes == ["note: org set 'mobile-oncall': collector usage does not publish devin_usage_searches: "
+                     "the API cannot filter them by user_ids"]
     assert COG not in result.stdout
 
 

@@ -187,6 +187,7 @@ poll:
   interval: 1h
   jitter: 0
 {extra_poll}windows: [1h, 24h]
+collectors: {{organizations: {{enabled: false}}}}  # release 0.1's schedules: usage only
 org_sets:
 {org_sets}server:
   listen: 127.0.0.1:0
@@ -241,7 +242,8 @@ def test_once_exits_1_and_still_prints_devin_up_0_when_the_api_fails(sim: str, t
     samples = parse_samples(result.stdout)
     assert samples["devin_up"] == {labels(org=o): 0.0 for o in ("enterprise", "platform", "mobile-oncall")}
     assert not any(name in samples for name in USAGE)
-    assert samples["devin_exporter_api_errors_total"][labels(org="enterprise", reason="server_error")] == 2.0
+    errors = samples["devin_exporter_api_errors_total"]
+    assert errors[labels(collector="usage", org="enterprise", reason="server_error")] == 2.0
     assert "level=warning" in result.stderr and "org_set=" in result.stderr
     assert SIM_KEY not in result.stdout + result.stderr
 

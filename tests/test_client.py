@@ -24,23 +24,22 @@ import aiohttp
 import pytest
 from aioresponses import CallbackResult, aioresponses
 from multidict import CIMultiDict, CIMultiDictProxy
+from usage_client import UsageClient, UsageQuery
 from yarl import URL
 
 from exporter import USER_AGENT
 from exporter import transport as client_module
+from exporter.catalogue.declare import format_rfc3339
+from exporter.config import ApiSettings
+from exporter.secret import ApiKey
 from exporter.transport import (
     RETRY_AFTER_CAP,
     ApiError,
     Attempt,
     ErrorReason,
-    UsageClient,
-    UsageQuery,
-    format_rfc3339,
     new_session,
     parse_retry_after,
 )
-from exporter.config import ApiSettings
-from exporter.secret import ApiKey
 
 KEY: Final = "apk_user_SECRET_TEST_KEY_123"
 BASE: Final = "https://api.example.test"

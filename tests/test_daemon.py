@@ -31,16 +31,18 @@ from helpers import (
     make_config,
     parse_samples,
     query_key,
+    usage_schedules,
     wait_until,
 )
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
 from exporter import USER_AGENT, __version__
+from exporter.catalogue.declare import format_rfc3339
 from exporter.cli import _reloader
-from exporter.transport import format_rfc3339
 from exporter.config import Config, ConfigError, OrgSet, Window, parse_config
-from exporter.poller import Poller, ScheduleKey
+from exporter.plan import plan_of
+from exporter.poller import Poller
 from exporter.server import create_app
 from exporter.service import Exporter
 from exporter.simulator import (
@@ -100,7 +102,7 @@ class Rig:
 
     def all_polled(self) -> bool:
         snap = self.exporter.snapshot
-        return all(snap.result(s.name, w.name).last_attempt is not None for s, w in snap.schedules())
+        return all(snap.result(s.name, "usage", w.name).last_attempt is not None for s, w in usage_schedules(snap))
 
     async def wait_first_polls(self) -> None:
         """/readyz 200, then every (org set, window) has finished its first poll."""
@@ -121,7 +123,7 @@ class Rig:
         """Force a poll of one set's windows (or one window) now, as its schedule would."""
         org_set = self.org_set(set_name)
         return [
-            await self.poller.poll(ScheduleKey.of(org_set, w, self.config.poll))
+            await self.poller.poll(self.poller.key("usage", org_set, w))
             for w in org_set.windows
             if window_name in (None, w.name)
         ]
@@ -247,7 +249,7 @@ async def test_every_org_set_and_window_publishes_exactly_what_the_api_returned(
     assert {r.path for r in recorded} == {"/v2/enterprise/metrics/usage"}
     assert {r.user_agent for r in recorded} == {USER_AGENT}
     assert Counter(query_key(r.query) for r in recorded) == Counter(
-        query_key(expected_query(s, w, config, T0)) for s, w in rig.exporter.snapshot.schedules()
+        query_key(expected_query(s, w, config, T0)) for s, w in usage_schedules(rig.exporter.snapshot)
     )
 
     # Independent of Window.bounds: what those windows mean at 2026-11-24T18:00Z with a 5m delay.
@@ -270,7 +272,7 @@ async def test_every_org_set_and_window_publishes_exactly_what_the_api_returned(
     # Health series for every schedule, stamped with the fake wall clock.
     assert samples["devin_up"] == {labels(org=s.name): 1.0 for s in config.org_sets}
     assert samples["devin_usage_last_success_timestamp_seconds"] == {
-        labels(org=s.name, window=w.name): T0.timestamp() for s, w in rig.exporter.snapshot.schedules()
+        labels(org=s.name, window=w.name): T0.timestamp() for s, w in usage_schedules(rig.exporter.snapshot)
     }
 
 
@@ -609,8 +611,8 @@ async def test_readyz_waits_for_a_first_poll_attempt_of_every_org_set_and_health
     samples = await rig.samples()
     assert samples["devin_up"] == {labels(org="enterprise"): 0.0, labels(org="platform"): 0.0}
     assert {k: v for k, v in samples["devin_exporter_api_errors_total"].items() if v} == {
-        labels(org="enterprise", reason="timeout"): 2.0,
-        labels(org="platform", reason="timeout"): 2.0,
+        labels(collector="usage", org="enterprise", reason="timeout"): 2.0,
+        labels(collector="usage", org="platform", reason="timeout"): 2.0,
     }
 
 
@@ -694,14 +696,15 @@ async def test_api_counters_and_latency_histogram_count_every_attempt(make_rig: 
     rig = await make_rig(TWO_SETS, retries=2)  # random=0 makes every backoff 0s
     samples = await rig.samples()
     assert samples["devin_exporter_api_requests_total"] == {
-        labels(org="enterprise", code="200"): 2.0,
-        labels(org="platform", code="200"): 2.0,
+        labels(collector="usage", org="enterprise", code="200"): 2.0,
+        labels(collector="usage", org="platform", code="200"): 2.0,
     }
     # Every reason is published at 0 from the start, so rate() sees the very first error.
     reasons = {"rate_limited", "server_error", "auth", "client_error", "timeout", "connection",
                "invalid_response"}
     assert samples["devin_exporter_api_errors_total"] == {
-        labels(org=org, reason=reason): 0.0 for org in ("enterprise", "platform") for reason in reasons}
+        labels(collector="usage", org=org, reason=reason): 0.0
+        for org in ("enterprise", "platform") for reason in reasons}
 
     rig.faults.status = 500
     assert await rig.repoll("platform") == [False, False]  # 2 windows x (1 + 2 retries)
@@ -713,25 +716,25 @@ async def test_api_counters_and_latency_histogram_count_every_attempt(make_rig: 
 
     samples = await rig.samples()
     assert samples["devin_exporter_api_requests_total"] == {
-        labels(org="enterprise", code="200"): 2.0,
-        labels(org="enterprise", code="401"): 1.0,
-        labels(org="platform", code="200"): 2.0,
-        labels(org="platform", code="500"): 6.0,
-        labels(org="platform", code="429"): 3.0,
+        labels(collector="usage", org="enterprise", code="200"): 2.0,
+        labels(collector="usage", org="enterprise", code="401"): 1.0,
+        labels(collector="usage", org="platform", code="200"): 2.0,
+        labels(collector="usage", org="platform", code="500"): 6.0,
+        labels(collector="usage", org="platform", code="429"): 3.0,
     }
     assert {k: v for k, v in samples["devin_exporter_api_errors_total"].items() if v} == {
-        labels(org="enterprise", reason="auth"): 1.0,
-        labels(org="platform", reason="server_error"): 6.0,
-        labels(org="platform", reason="rate_limited"): 3.0,
+        labels(collector="usage", org="enterprise", reason="auth"): 1.0,
+        labels(collector="usage", org="platform", reason="server_error"): 6.0,
+        labels(collector="usage", org="platform", reason="rate_limited"): 3.0,
     }
     # One histogram observation per attempt, matching what the simulator actually received.
     by_org = Counter("platform" if r.query.get("org_ids") else "enterprise" for r in rig.requests())
     assert by_org == {"enterprise": 3, "platform": 11}
     count = samples["devin_exporter_api_request_duration_seconds_count"]
-    assert count == {labels(org=o): float(n) for o, n in by_org.items()}
+    assert count == {labels(collector="usage", org=o): float(n) for o, n in by_org.items()}
     buckets = samples["devin_exporter_api_request_duration_seconds_bucket"]
     for org, n in by_org.items():
-        assert buckets[labels(org=org, le="+Inf")] == float(n)
+        assert buckets[labels(collector="usage", org=org, le="+Inf")] == float(n)
         ours = sorted((float(dict(lbls)["le"]), v) for lbls, v in buckets.items() if ("org", org) in lbls)
         assert [v for _, v in ours] == sorted(v for _, v in ours)  # cumulative
     assert all(v >= 0 for v in samples["devin_exporter_api_request_duration_seconds_sum"].values())
@@ -859,7 +862,7 @@ async def test_readyz_stays_ready_while_an_org_set_added_by_reload_waits_for_its
     assert await rig.exporter.reload(lambda: new) is True
     await wait_until(lambda: any(r.query.get("org_ids") is None and r.status is None for r in rig.requests()),
                      what="the newcomer's poll in flight")
-    assert not rig.exporter.snapshot.ready()
+    assert not plan_of(rig.exporter.config).ready(rig.exporter.snapshot)
     # A routine reload must not pull the pod out of its Service.
     assert (await rig.client.get("/readyz")).status == 200
 

@@ -104,6 +104,8 @@ poll:
   jitter: 0
   stale_after: 3
 windows: [1h, 24h, 7d]
+collectors:
+  organizations: {{enabled: false}}  # release 0.1's schedules; the v3 stack below polls every collector
 org_sets:
   - name: enterprise
   - name: platform

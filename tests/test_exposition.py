@@ -18,14 +18,16 @@ from subprocess import PIPE
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import labels, make_config, parse_samples
+from helpers import labels, make_config, parse_samples, usage_schedules
 from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
 from exporter import exposition as exposition_module
-from exporter.transport import Attempt, ErrorReason
+from exporter.catalogue.declare import Point
+from exporter.catalogue.usage import EXTRA_PREFIX, V2_FIELDS
+from exporter.collector import ApiStats, ExporterCollector, ReloadStatus, build_registry
 from exporter.config import Config
 from exporter.exposition import (
     MAX_FORMATS,
@@ -34,9 +36,9 @@ from exporter.exposition import (
     _Tail,
     metrics_handler,
 )
-from exporter.collector import ApiStats, ExporterCollector, ReloadStatus, build_registry
 from exporter.shard import Shard, owner
 from exporter.snapshot import Snapshot
+from exporter.transport import Attempt, ErrorReason
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 NOW = 1_800_000_000.0
@@ -78,19 +80,21 @@ class Rig:
 
     def succeed(self, org_set: str, window: str, values: dict[str, float] | None = None,
                 at: float | None = None) -> None:
-        result = self.snapshot.result(org_set, window).succeeded(values or VALUES, at or self.clock.now)
-        self.snapshot = self.snapshot.with_result(org_set, window, result)
+        # A v2 usage reply's fields as the points the declaration makes of them.
+        points = [Point(V2_FIELDS.get(f, EXTRA_PREFIX + f), v) for f, v in (values or VALUES).items()]
+        result = self.snapshot.result(org_set, "usage", window).succeeded(points, at or self.clock.now)
+        self.snapshot = self.snapshot.with_result(org_set, ("usage", window), result)
 
     def fail(self, org_set: str, window: str, reason: str = "server_error") -> None:
-        result = self.snapshot.result(org_set, window).failed(reason, self.clock.now)
-        self.snapshot = self.snapshot.with_result(org_set, window, result)
+        result = self.snapshot.result(org_set, "usage", window).failed(reason, self.clock.now)
+        self.snapshot = self.snapshot.with_result(org_set, ("usage", window), result)
 
     def succeed_all(self, values: dict[str, float] | None = None) -> None:
-        for org_set, window in self.snapshot.schedules():
+        for org_set, window in usage_schedules(self.snapshot):
             self.succeed(org_set.name, window.name, values)
 
     def reload(self, config: Config) -> None:
-        kept = {(s.name, w.name) for s, w in self.snapshot.schedules()}
+        kept = {(s.name, ("usage", w.name)) for s, w in usage_schedules(self.snapshot)}
         self.config = config
         self.snapshot = self.snapshot.with_config(config, kept)
         self.stats.track(s.name for s in config.org_sets)
@@ -242,8 +246,9 @@ async def test_an_api_stats_change_re_renders_that_org_sets_counters_only() -> N
     renders = rig.exposition.renders
     _observe(rig.stats, "set-0007", 500, ErrorReason.SERVER_ERROR)
     samples = parse_samples((await rig.scrape()).decode())
-    assert samples["devin_exporter_api_requests_total"][labels(org="set-0007", code="500")] == 1
-    assert samples["devin_exporter_api_errors_total"][labels(org="set-0007", reason="server_error")] == 1
+    where = {"collector": "usage", "org": "set-0007"}
+    assert samples["devin_exporter_api_requests_total"][labels(**where, code="500")] == 1
+    assert samples["devin_exporter_api_errors_total"][labels(**where, reason="server_error")] == 1
     assert rig.exposition.renders == renders + 1
 
 

@@ -27,10 +27,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from hardening_support import HybridClock, free_port, start_resetting_server
-from helpers import KEY, USAGE_METRICS, labels, make_config, parse_samples, wait_until
+from helpers import KEY, USAGE_METRICS, labels, make_config, parse_samples, usage_schedules, wait_until
 
 from exporter.logs import LogfmtFormatter
-from exporter.poller import Poller, ScheduleKey
+from exporter.poller import Poller
 from exporter.server import create_app
 from exporter.service import Exporter
 from exporter.simulator import (
@@ -108,12 +108,12 @@ class Rig:
         return parse_samples(await response.text())
 
     def attempts(self, org: str, window: str) -> float | None:
-        return self.exporter.snapshot.result(org, window).last_attempt
+        return self.exporter.snapshot.result(org, "usage", window).last_attempt
 
     async def next_poll(self, seconds: float = INTERVAL, *, within: float = 10.0) -> None:
         """Jump the clock; wait for every schedule to finish the poll that made due."""
         before = {
-            (s.name, w.name): self.attempts(s.name, w.name) for s, w in self.exporter.snapshot.schedules()
+            (s.name, w.name): self.attempts(s.name, w.name) for s, w in usage_schedules(self.exporter.snapshot)
         }
         self.clock.advance(seconds)
         await wait_until(
@@ -129,7 +129,7 @@ class Rig:
     async def poll_now(self, org: str, window: str = "1h") -> bool:
         org_set = next(s for s in self.exporter.config.org_sets if s.name == org)
         w = next(w for w in org_set.windows if w.name == window)
-        return await self.poller.poll(ScheduleKey.of(org_set, w, self.exporter.config.poll))
+        return await self.poller.poll(self.poller.key("usage", org_set, w))
 
 
 RigFactory = Callable[..., Awaitable[Rig]]
@@ -170,7 +170,7 @@ async def make_rig() -> AsyncIterator[RigFactory]:
         rigs.append(rig)
         await client.start_server()
         await wait_until(
-            lambda: all(rig.attempts(s.name, w.name) is not None for s, w in exporter.snapshot.schedules()),
+            lambda: all(rig.attempts(s.name, w.name) is not None for s, w in usage_schedules(exporter.snapshot)),
             what="first polls",
         )
         return rig
@@ -340,13 +340,13 @@ async def test_fault_is_reported_keeps_last_values_until_stale_and_recovers_by_i
     attempts = 2 if fault.retried else 1
     assert failed["devin_up"] == {labels(org="enterprise"): 0.0}
     assert nonzero(failed, "devin_exporter_api_errors_total") == {
-        labels(org="enterprise", reason=fault.reason): attempts
+        labels(collector="usage", org="enterprise", reason=fault.reason): attempts
     }
     codes = Counter({"200": 1})  # the first, good poll
     if fault.code is not None:
         codes[fault.code] += attempts
     assert nonzero(failed, "devin_exporter_api_requests_total") == {
-        labels(org="enterprise", code=c): float(n) for c, n in codes.items()
+        labels(collector="usage", org="enterprise", code=c): float(n) for c, n in codes.items()
     }
     assert usage(failed) == last_good  # last good values stay ...
     assert failed["devin_usage_last_success_timestamp_seconds"] == {
@@ -363,7 +363,7 @@ async def test_fault_is_reported_keeps_last_values_until_stale_and_recovers_by_i
         labels(org="enterprise", window="1h"): success_at
     }
     assert nonzero(stale, "devin_exporter_api_errors_total") == {
-        labels(org="enterprise", reason=fault.reason): 2 * attempts
+        labels(collector="usage", org="enterprise", reason=fault.reason): 2 * attempts
     }
     await rig.healthy_process()
 
@@ -414,7 +414,8 @@ async def test_metrics_answers_within_100ms_while_every_poll_hangs(make_rig: Rig
         assert time.perf_counter() - started < 0.1, path
     # Still hanging: nothing has timed out yet, so the scrapes above really overlapped the polls.
     assert sum(1 for r in rig.up.requests() if r.status is None) == 24
-    assert all(rig.exporter.snapshot.result(s.name, w.name).ok for s, w in rig.exporter.snapshot.schedules())
+    snapshot = rig.exporter.snapshot
+    assert all(snapshot.result(s.name, "usage", w.name).ok for s, w in usage_schedules(snapshot))
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,7 +465,7 @@ async def test_no_request_is_sent_while_a_retry_after_pause_is_in_force(
     samples = await rig.samples()
     assert samples["devin_up"] == {labels(org=n): 1.0 for n in "abc"}
     assert nonzero(samples, "devin_exporter_api_errors_total") == {
-        labels(org="a", reason="rate_limited"): 1.0
+        labels(collector="usage", org="a", reason="rate_limited"): 1.0
     }
 
 
@@ -493,7 +494,7 @@ async def test_429_storm_with_retry_after_spaces_every_attempt_and_recovers(make
     samples = await rig.samples()
     assert samples["devin_up"] == {labels(org="a"): 0.0, labels(org="b"): 1.0}
     assert nonzero(samples, "devin_exporter_api_errors_total") == {
-        labels(org="a", reason="rate_limited"): 4.0
+        labels(collector="usage", org="a", reason="rate_limited"): 4.0
     }
     assert usage(samples)  # the last good values stay
     await rig.healthy_process()
@@ -524,11 +525,11 @@ async def test_simulated_per_key_rate_limit_storm_ends_with_every_schedule_publi
     # Each pause ends with every waiting poll sent at once (the client's own rate limit is set very
     # high here), and one of them gets the token: 8 schedules need up to 8 attempts.
     rig = await make_rig(sets, windows="[1h, 24h]", interval="1h", retries=8)
-    schedules, loops = len(rig.exporter.snapshot.schedules()), IDLE_SLEEPERS
+    schedules, loops = len(usage_schedules(rig.exporter.snapshot)), IDLE_SLEEPERS
     await _until_parked(rig, loops)
     rig.faults.rate_limit_per_second = 1.0  # a burst of one, then one per second: a 429 storm
     sent_before = len(rig.up.requests())
-    polls = asyncio.gather(*(rig.poll_now(s.name, w.name) for s, w in rig.exporter.snapshot.schedules()))
+    polls = asyncio.gather(*(rig.poll_now(s.name, w.name) for s, w in usage_schedules(rig.exporter.snapshot)))
     task: asyncio.Task[list[bool]] = asyncio.ensure_future(polls)
     for _ in range(60):
         await wait_until(lambda: task.done() or rig.clock.parked(0.05) > loops, what="the next wait")
@@ -570,8 +571,8 @@ async def test_key_revocation_logs_one_line_per_org_set_per_transition_not_per_p
     assert len(poll_failures(caplog)) == 2
     samples = await rig.samples()
     assert nonzero(samples, "devin_exporter_api_errors_total") == {
-        labels(org="a", reason="auth"): 15.0,
-        labels(org="b", reason="auth"): 15.0,
+        labels(collector="usage", org="a", reason="auth"): 15.0,
+        labels(collector="usage", org="b", reason="auth"): 15.0,
     }  # never retried: 5 polls x 3 windows
     assert samples["devin_up"] == {labels(org="a"): 0.0, labels(org="b"): 0.0}
 

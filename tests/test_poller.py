@@ -1,6 +1,6 @@
 """The poll scheduler: one timer task for every schedule, a bound on polls at once, reloads.
 
-The client is a stand-in whose requests the test finishes one by one; the clock is injected and
+The transport is a stand-in whose requests the test finishes one by one; the clock is injected and
 only moves when the test moves it.
 """
 
@@ -8,32 +8,34 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 import pytest
 from helpers import make_config, wait_until
 
-from exporter.transport import UsageQuery
 from exporter.clocks import Clocks
 from exporter.config import ApiSettings, Config
 from exporter.poller import POLLS_PER_REQUEST_SLOT, Poller
+from exporter.transport import Request
 
+T = TypeVar("T")
 VALUES = {"sessions_count": 1, "searches_count": 2, "prs_opened": 3, "prs_closed": 2, "prs_merged": 1}
 
 
 class HeldClient:
-    """Answers a request only when the test releases it."""
+    """A transport that answers a request only when the test releases it."""
 
     def __init__(self) -> None:
-        self.waiting: list[tuple[UsageQuery, asyncio.Future[None]]] = []
-        self.answered: list[str] = []
+        self.waiting: list[tuple[Request, asyncio.Future[None]]] = []
+        self.answered: list[str | None] = []
 
-    async def fetch(self, query: UsageQuery) -> dict[str, float]:
+    async def get(self, request: Request, parse: Callable[[object], T]) -> T:
         release: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiting.append((query, release))
+        self.waiting.append((request, release))
         await release
-        self.answered.append(query.org_set)
-        return dict(VALUES)
+        self.answered.append(request.org_set)
+        return parse(dict(VALUES))
 
     def update_settings(self, settings: ApiSettings) -> None:
         pass

@@ -27,7 +27,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import RESERVED_LABELS, Config, ConfigError, parse_config
-from exporter.poller import Poller, ScheduleKey
+from exporter.plan import ScheduleKey
+from exporter.poller import Poller
 from exporter.service import Exporter
 from exporter.simulator import USAGE_PATH
 
@@ -301,7 +302,7 @@ def body_rig() -> Iterator[BodyRig]:
         poller = await exporter.open()
         org_set = config.org_sets[0]
         return BodyRig(
-            loop, runner, exporter, poller, ScheduleKey.of(org_set, org_set.windows[0], config.poll)
+            loop, runner, exporter, poller, poller.key("usage", org_set, org_set.windows[0])
         )
 
     rig = loop.run_until_complete(start())
@@ -375,10 +376,10 @@ def test_a_reply_is_published_whole_or_rejected_as_invalid_response_and_nothing_
     body: bytes, body_rig: BodyRig
 ) -> None:
     assert body_rig.poll(json.dumps(GOOD).encode()) is True  # a known last good state
-    before = body_rig.exporter.snapshot.result("p", "1h")
+    before = body_rig.exporter.snapshot.result("p", "usage", "1h")
 
     ok = body_rig.poll(body)
-    result = body_rig.exporter.snapshot.result("p", "1h")
+    result = body_rig.exporter.snapshot.result("p", "usage", "1h")
     expected = expected_counts(body)
     exposition = generate_latest(body_rig.exporter.registry).decode()
     families = {f.name: f for f in text_string_to_metric_families(exposition)}
@@ -391,10 +392,11 @@ def test_a_reply_is_published_whole_or_rejected_as_invalid_response_and_nothing_
     }
     if expected is not None:
         assert ok and result.ok and result.error is None
-        assert {f: result.values[f] for f in FIELDS} == expected  # type: ignore[index]
+        values = {p.family: p.value for p in result.points or ()}
+        assert {f: values[METRICS[f]] for f in FIELDS} == expected
         assert published == {f: float(v) for f, v in expected.items()}
     else:
         assert not ok and not result.ok
         assert result.error == "invalid_response"  # an ApiError of that reason, not an internal error
-        assert result.values == before.values and result.last_success == before.last_success
+        assert result.points == before.points and result.last_success == before.last_success
         assert published == {f: float(v) for f, v in GOOD.items()}

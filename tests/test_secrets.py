@@ -27,14 +27,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from hardening_support import Daemon, free_port
 from helpers import ROOT, labels, parse_samples, run_cli, subprocess_env, wait_until
+from usage_client import UsageClient, UsageQuery
 
-from exporter.transport import ApiError, UsageClient, UsageQuery, new_session
 from exporter.config import ConfigError, parse_config
 from exporter.logs import setup_logging
 from exporter.secret import ApiKey
 from exporter.server import create_app
 from exporter.service import Exporter
 from exporter.simulator import MALFORMED_KINDS, REQUESTS_KEY, USAGE_PATH, Faults, start_simulator
+from exporter.transport import ApiError, new_session
 
 KEY: Final = "apk_user_LEAKCANARY_0123456789abcdef"
 GOOD: Final = {"sessions_count": 1, "searches_count": 2, "prs_opened": 3, "prs_closed": 2, "prs_merged": 1}
@@ -130,7 +131,10 @@ def config_text(
     return (
         f"api:\n  base_url: {base_url}\n  {key_line}\n  timeout: 1s\n  retries: 1\n"
         "  max_concurrency: 16\n  max_requests_per_second: 10000\n"
-        f"poll:\n  interval: {interval}\n  jitter: 0\nwindows: [1h]\norg_sets:\n{sets}"
+        f"poll:\n  interval: {interval}\n  jitter: 0\nwindows: [1h]\n"
+        # Release 0.1's schedules, usage only: the counts below are of its requests and log lines.
+        "collectors: {organizations: {enabled: false}}\n"
+        f"org_sets:\n{sets}"
         "server:\n  listen: 127.0.0.1:0\n"
     )
 
@@ -160,7 +164,7 @@ async def test_the_key_appears_in_no_log_error_or_endpoint_on_any_failure_path(
     client = TestClient(TestServer(create_app(exporter), host="127.0.0.1"))
     await client.start_server()
     try:
-        await wait_until(lambda: exporter.snapshot.ready(), within=15, what="every first poll (1s timeouts)")
+        await wait_until(lambda: exporter.ready(), within=15, what="every first poll (1s timeouts)")
         for path in ("/", "/metrics", "/readyz", "/healthz", "/metrics?name[]=devin_up"):
             response = await client.get(path)
             seen.append(await response.text())

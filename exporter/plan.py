@@ -1,0 +1,145 @@
+"""Which schedules a config asks for: every enabled collector x org set it can answer for x window."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from exporter.catalogue import CATALOGUE
+from exporter.catalogue.declare import FILTERS, Collector, Version
+from exporter.config import Config, OrgSet, Window
+from exporter.snapshot import ENTERPRISE, Slot, Snapshot
+
+
+@dataclass(frozen=True)
+class ScheduleKey:
+    """Everything that decides what a schedule asks the API; a reload keeps a schedule iff this is equal."""
+
+    collector: str
+    org_set: str  # ENTERPRISE for the enterprise-level collectors
+    org_ids: tuple[str, ...]
+    user_ids: tuple[str, ...]
+    window: Window | None  # None for collectors without windows
+    interval: float
+    delay: float
+    timezone: str
+    version: Version
+    options: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def slot(self) -> Slot:
+        return self.collector, self.window.name if self.window is not None else None
+
+    def query_identity(self) -> tuple[object, ...]:
+        """What the API is asked, without the interval (which only decides when it is asked)."""
+        w = self.window
+        shape = (w.name, w.kind, w.range_seconds) if w is not None else None
+        return (self.collector, self.org_set, self.org_ids, self.user_ids, shape, self.delay, self.timezone,
+                self.version, self.options)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The schedules of one config, by owner (org set name, or ENTERPRISE), and what cannot be published."""
+
+    keys: tuple[ScheduleKey, ...]
+    by_owner: Mapping[str, tuple[ScheduleKey, ...]]
+    notes: tuple[str, ...] = ()  # "org set X: collector usage does not publish …" lines for start-up
+    owners: tuple[str, ...] = field(default=())  # org set names, then ENTERPRISE if it has schedules
+    # Enterprise-level series come from one replica only (shard 0), or every replica's would add up.
+    publish_enterprise: bool = True
+
+    def of(self, owner: str) -> tuple[ScheduleKey, ...]:
+        return self.by_owner.get(owner, ())
+
+    def up(self, snap: Snapshot, owner: str) -> bool:
+        """`devin_up`: the latest poll of every schedule of the owner succeeded."""
+        results = snap.of(owner)
+        return all((r := results.get(k.slot)) is not None and r.ok for k in self.of(owner))
+
+    def attempted(self, snap: Snapshot, owner: str) -> bool:
+        results = snap.of(owner)
+        return any((r := results.get(k.slot)) is not None and r.last_attempt is not None for k in self.of(owner))
+
+    def ready(self, snap: Snapshot) -> bool:
+        """Every owner with schedules has had at least one finished poll attempt."""
+        return all(self.attempted(snap, owner) for owner in self.owners if self.of(owner))
+
+
+def _key(collector: Collector, config: Config, owner: str, org_set: OrgSet | None, window: Window | None,
+         interval: float) -> ScheduleKey:
+    poll = config.poll
+    settings = config.collector(collector.name)
+    # Only calendar windows depend on the zone; a zone change must not re-poll the others.
+    zone = poll.timezone if window is not None and window.kind in ("today", "month_to_date") else "UTC"
+    options = tuple((name, str(getattr(settings, name))) for name in collector.options)
+    return ScheduleKey(collector.name, owner, org_set.org_ids if org_set else (), org_set.user_ids if org_set else (),
+                       window, interval, poll.delay if window is not None else 0.0, zone, config.api.version,
+                       options)
+
+
+def build_plan(config: Config) -> Plan:
+    version = config.api.version
+    publish = config.shard is None or config.shard.index == 0
+    keys: list[ScheduleKey] = []
+    notes: list[str] = []
+    by_owner: dict[str, list[ScheduleKey]] = {}
+    for collector in CATALOGUE:
+        settings = config.collector(collector.name)
+        if not settings.enabled or version not in collector.calls:
+            continue
+        if collector.scope == "enterprise":
+            # Other replicas than shard 0 poll organizations only for discovery, and publish none of it.
+            if not publish and not (collector.name == "organizations" and config.discovery.organizations):
+                continue
+            if collector.plan(version, None):
+                key = _key(collector, config, ENTERPRISE, None, None, settings.interval)
+                keys.append(key)
+                by_owner.setdefault(ENTERPRISE, []).append(key)
+            continue
+        for org_set in config.org_sets:
+            missing = collector.unpublished(version, org_set)
+            if not collector.plan(version, org_set):
+                notes.append(f"org set {org_set.name!r}: collector {collector.name} publishes nothing: the API "
+                             f"cannot filter it by {_blocking(collector, version, org_set)}")
+                continue
+            if missing:
+                notes.append(f"org set {org_set.name!r}: collector {collector.name} does not publish "
+                             f"{', '.join(missing)}: the API cannot filter them by "
+                             f"{_blocking(collector, version, org_set, missing)}")
+            windows = settings.windows_for(org_set) if collector.windowed else (None,)
+            for window in windows:
+                interval = window.interval if window is not None else settings.interval
+                key = _key(collector, config, org_set.name, org_set, window, interval)
+                keys.append(key)
+                by_owner.setdefault(org_set.name, []).append(key)
+    owners = (*(s.name for s in config.org_sets), *((ENTERPRISE,) if ENTERPRISE in by_owner else ()))
+    return Plan(tuple(keys), {o: tuple(k) for o, k in by_owner.items()}, tuple(notes), owners, publish)
+
+
+def _blocking(collector: Collector, version: Version, org_set: OrgSet, families: tuple[str, ...] = ()) -> str:
+    """The set's filters that keep the API from answering for these families (all of them if none)."""
+    used = [f for f in FILTERS if getattr(org_set, f)]
+    accepted: set[str] = set()
+    for call in collector.calls.get(version, ()):
+        if not families or any(set(e.families) & set(families) for e in call):
+            for endpoint in call:
+                accepted |= endpoint.filters | ({endpoint.per} if endpoint.per else set())
+    blocking = [f for f in used if f not in accepted]
+    # Each filter taken by some endpoint, but not both by one: the combination is what cannot be asked.
+    return " and ".join(blocking) if blocking else " and ".join(used) + " together"
+
+
+_cache: tuple[Config, Plan] | None = None
+
+
+def plan_of(config: Config) -> Plan:
+    """The plan of `config`, computed once per config object (the poller, the collector and the
+    landing page all ask for the same one after every reload)."""
+    global _cache
+    cached = _cache
+    if cached is not None and cached[0] is config:
+        return cached[1]
+    plan = build_plan(config)
+    _cache = (config, plan)
+    return plan
