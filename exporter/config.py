@@ -212,9 +212,11 @@ class Config:
     discovered_org_sets: tuple[OrgSet, ...] = ()
 
     def __post_init__(self) -> None:
-        collectors = {**default_collectors(self.poll.interval, self.api.version), **self.collectors}
-        if set(collectors) != set(COLLECTOR_NAMES):
-            raise ValueError(f"unknown collector(s): {', '.join(sorted(set(collectors) - set(COLLECTOR_NAMES)))}")
+        collectors = dict(self.collectors)
+        if unknown := set(collectors) - set(COLLECTOR_NAMES):
+            raise ValueError(f"unknown collector(s): {', '.join(sorted(unknown))}")
+        if len(collectors) < len(COLLECTOR_NAMES):  # built by hand, not parsed (every replace() comes here)
+            collectors = {**default_collectors(self.poll.interval, self.api.version), **collectors}
         # Read-only, so the frozen config cannot be changed through it.
         object.__setattr__(self, "collectors", MappingProxyType({n: collectors[n] for n in COLLECTOR_NAMES}))
 

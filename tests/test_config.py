@@ -1069,6 +1069,18 @@ def test_empty_collector_sections_mean_defaults(tmp_path: Path) -> None:
     assert parse("collectors:\n" + MINIMAL, tmp_path) == parse(MINIMAL, tmp_path)
 
 
+def test_config_built_by_hand_gets_every_collector(tmp_path: Path) -> None:
+    parsed = parse("poll: {interval: 1m}\n" + MINIMAL, tmp_path, V3)
+    fields: dict[str, Any] = {"api": parsed.api, "poll": parsed.poll, "windows": parsed.windows,
+                              "org_sets": parsed.org_sets, "server": parsed.server}
+    built = Config(**fields)
+    assert built.collectors == parsed.collectors == default_collectors(60.0, "v3")
+    queue_off = CollectorSettings("queue", False, 60.0)
+    assert Config(**fields, collectors={"queue": queue_off}).collector("queue") == queue_off
+    with pytest.raises(ValueError, match=r"unknown collector\(s\): usgae"):
+        Config(**fields, collectors={"usgae": queue_off})
+
+
 def test_unknown_collector_name_raises_key_error(tmp_path: Path) -> None:
     with pytest.raises(KeyError, match="no collector 'usgae'"):
         parse(MINIMAL, tmp_path).collector("usgae")
