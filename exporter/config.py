@@ -1,45 +1,65 @@
-"""Turns the YAML config file into frozen, typed objects; every validation rule lives here."""
+"""Turns the YAML config file into frozen, typed objects: config_schema checks keys and types, the rest is here."""
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Final, Literal, NoReturn
+from typing import TYPE_CHECKING, Final, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
+from msgspec import UNSET
 
+# Re-exported (`X as X`): part of this module's interface, declared with the schema or the YAML reader.
+from exporter.config_schema import CALENDAR_WINDOWS as CALENDAR_WINDOWS
+from exporter.config_schema import DEFAULT_BASE_URL as DEFAULT_BASE_URL
+from exporter.config_schema import DEFAULT_CONSUMPTION_WINDOWS as DEFAULT_CONSUMPTION_WINDOWS
+from exporter.config_schema import DEFAULT_WINDOWS as DEFAULT_WINDOWS
+from exporter.config_schema import (
+    DURATION_RE_TEXT,
+    LABEL_NAME_RE_TEXT,
+    ActiveUsersCollector,
+    AnyCollectorSection,
+    ApiSection,
+    CollectorsSection,
+    ConfigFile,
+    ConsumptionCollector,
+    DiscoverySection,
+    OrganizationsCollector,
+    OrgSetEntry,
+    PollSection,
+    QueueCollector,
+    ServerSection,
+    UsageCollector,
+    WindowEntry,
+    convert,
+)
+from exporter.config_schema import RESERVED_LABELS as RESERVED_LABELS
+from exporter.config_schema import ApiVersionSetting as ApiVersionSetting
+from exporter.config_schema import WindowKind as WindowKind
 from exporter.secret import ApiKey
 from exporter.shard import Shard, parse_shard
+from exporter.yamldoc import ConfigError as ConfigError
+from exporter.yamldoc import Node, expand_env
+from exporter.yamldoc import parse_yaml as parse_yaml
+from exporter.yamldoc import read_text as read_text
 
-if TYPE_CHECKING:  # webconfig.py imports this module's YAML walker
+if TYPE_CHECKING:  # loaded only with a web config (see _server)
     from exporter.webconfig import WebConfig
 
-DEFAULT_BASE_URL: Final = "https://api.devin.ai"
-DEFAULT_WINDOWS: Final = ("1h", "24h", "7d", "30d")
+
 API_KEY_ENV: Final = "DEVIN_API_KEY"
 MIN_WINDOW_SECONDS: Final = 60.0
 # Beyond this, date arithmetic overflows and no real window or timeout is meant.
 MAX_DURATION_SECONDS: Final = 100 * 365 * 86400.0
-# Labels the exporter sets itself on some series (org_id on discovered sets, origin/size on the
-# sessions breakdowns, product on ACUs, status on the queue); a static label of the same name would
-# make series ambiguous.
-RESERVED_LABELS: Final = frozenset({"org", "window", "org_id", "origin", "size", "product", "status", "collector"})
-
-WindowKind = Literal["range", "today", "month_to_date", "billing_cycle"]
-CALENDAR_WINDOWS: Final[tuple[WindowKind, ...]] = ("today", "month_to_date", "billing_cycle")
 
 ApiVersion = Literal["v2", "v3"]
-ApiVersionSetting = Literal["auto", "v2", "v3"]
-API_VERSION_SETTINGS: Final[tuple[ApiVersionSetting, ...]] = ("auto", "v3", "v2")
 V3_TOKEN_PREFIX: Final = "cog_"  # a service user's token
 V2_KEY_PREFIXES: Final = ("apk_user_", "apk_")  # an enterprise admin's personal API key, a legacy key
 
@@ -48,18 +68,6 @@ COLLECTOR_NAMES: Final[tuple[CollectorName, ...]] = ("usage", "active_users", "c
                                                       "queue")
 V3_ONLY_COLLECTORS: Final[frozenset[CollectorName]] = frozenset({"active_users", "queue"})
 WINDOWED_COLLECTORS: Final[frozenset[CollectorName]] = frozenset({"usage", "active_users", "consumption"})
-DEFAULT_CONSUMPTION_WINDOWS: Final = ("today", "7d", "30d", "billing_cycle")
-# Collectors whose interval is not poll.interval by default, in seconds.
-DEFAULT_COLLECTOR_INTERVALS: Final[Mapping[CollectorName, float]] = MappingProxyType(
-    {"consumption": 1800.0, "organizations": 3600.0, "queue": 60.0})
-
-
-class ConfigError(Exception):
-    """A config problem, already phrased for the user: file, key path, what is wrong."""
-
-    def __init__(self, message: str) -> None:
-        # Always one line: YAML reader errors and keys taken from the file may hold line breaks.
-        super().__init__(" ".join(line.strip() for line in message.splitlines()))
 
 
 # --- value types -----------------------------------------------------------------------------
@@ -168,24 +176,9 @@ class DiscoverySettings:
 
 def default_collectors(poll_interval: float = PollSettings.interval,
                        version: ApiVersion = "v2") -> Mapping[str, CollectorSettings]:
-    """Every collector at its defaults: what a config without `collectors` gets."""
-    consumption_interval = DEFAULT_COLLECTOR_INTERVALS["consumption"]
-    consumption_windows = tuple(_default_window(name, consumption_interval) for name in DEFAULT_CONSUMPTION_WINDOWS)
-    return MappingProxyType({
-        name: CollectorSettings(
-            name=name,
-            enabled=version == "v3" or name not in V3_ONLY_COLLECTORS,
-            interval=DEFAULT_COLLECTOR_INTERVALS.get(name, poll_interval),
-            windows=consumption_windows if name == "consumption" else None,
-        )
-        for name in COLLECTOR_NAMES
-    })
-
-
-def _default_window(name: str, interval: float) -> Window:
-    if name in CALENDAR_WINDOWS:
-        return Window(name=name, kind=name, range_seconds=None, interval=interval)
-    return Window(name=name, kind="range", range_seconds=parse_duration(name), interval=interval)
+    """Every collector at its defaults: what a config without `collectors` gets on API `version`."""
+    written = _collectors(CollectorsSection(), Node(None, "collectors", "<defaults>"), poll_interval)
+    return MappingProxyType({name: _for_version(c, version) for name, c in written.items()})
 
 
 @dataclass(frozen=True)
@@ -219,9 +212,11 @@ class Config:
     discovered_org_sets: tuple[OrgSet, ...] = ()
 
     def __post_init__(self) -> None:
-        collectors = {**default_collectors(self.poll.interval, self.api.version), **self.collectors}
-        if set(collectors) != set(COLLECTOR_NAMES):
-            raise ValueError(f"unknown collector(s): {', '.join(sorted(set(collectors) - set(COLLECTOR_NAMES)))}")
+        collectors = dict(self.collectors)
+        if unknown := set(collectors) - set(COLLECTOR_NAMES):
+            raise ValueError(f"unknown collector(s): {', '.join(sorted(unknown))}")
+        if len(collectors) < len(COLLECTOR_NAMES):  # built by hand, not parsed (every replace() comes here)
+            collectors = {**default_collectors(self.poll.interval, self.api.version), **collectors}
         # Read-only, so the frozen config cannot be changed through it.
         object.__setattr__(self, "collectors", MappingProxyType({n: collectors[n] for n in COLLECTOR_NAMES}))
 
@@ -281,18 +276,15 @@ class Config:
 
 # --- scalar parsers (also used by the CLI) ----------------------------------------------------
 
-_DURATION_RE: Final = re.compile(
-    r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$"
-)
+_DURATION_RE: Final = re.compile(f"^{DURATION_RE_TEXT}$")
 _DURATION_UNITS: Final = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
 # A Prometheus label name, and what a metric name suffix taken from outside may be.
-IDENTIFIER_RE: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+IDENTIFIER_RE: Final = re.compile(LABEL_NAME_RE_TEXT)
 _SECRET_ENV_RE: Final = re.compile(r"KEY|TOKEN|SECRET|PASSW", re.IGNORECASE)
 # Devin API keys (`apk_user_…`, `apk_…`) and service user tokens (`cog_…`): a key written literally
 # into the wrong field (say api_key_file: apk_user_…, or as a base_url) would otherwise be quoted back
 # in the error and the log.
 _API_KEY_SHAPE_RE: Final = re.compile(r"(apk|cog)_[A-Za-z0-9_\-]{6,}")
-_ENV_RE: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def parse_duration(text: str) -> float:
@@ -318,242 +310,102 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port_text)
 
 
-# --- the document walker ----------------------------------------------------------------------
+# --- sections: what the schema cannot say -----------------------------------------------------
+#
+# config_schema.convert() has checked every key and type; each function here gets its section
+# typed, with a Node that carries the key path for errors.
+
+# The keys of each section, as declared (tests and the chart's schema check against them).
+_TOP_KEYS: Final = ConfigFile.__struct_fields__
+_API_KEYS: Final = ApiSection.__struct_fields__
+_POLL_KEYS: Final = PollSection.__struct_fields__
+_WINDOW_KEYS: Final = WindowEntry.__struct_fields__
+_ORG_SET_KEYS: Final = OrgSetEntry.__struct_fields__
+_SERVER_KEYS: Final = ServerSection.__struct_fields__
+_COLLECTOR_SECTIONS: Final[Mapping[CollectorName, type[AnyCollectorSection]]] = MappingProxyType({
+    "usage": UsageCollector, "active_users": ActiveUsersCollector, "consumption": ConsumptionCollector,
+    "organizations": OrganizationsCollector, "queue": QueueCollector,
+})
+_COLLECTOR_KEYS: Final = MappingProxyType({name: s.__struct_fields__ for name, s in _COLLECTOR_SECTIONS.items()})
+_DISCOVERY_KEYS: Final = DiscoverySection.__struct_fields__
 
 
-class _Node:
-    """A value in the YAML document with its key path, so every error can say where it is."""
-
-    def __init__(self, value: object, path: str, source: str) -> None:
-        self.value = value
-        self.path = path
-        self.source = source
-
-    def fail(self, problem: str) -> NoReturn:
-        where = f"{self.path}: " if self.path else ""
-        raise ConfigError(f"{self.source}: {where}{problem}")
-
-    def child(self, key: str | int, value: object) -> _Node:
-        path = f"{self.path}[{key}]" if isinstance(key, int) else f"{self.path}.{key}" if self.path else key
-        return _Node(value, path, self.source)
-
-    def mapping(self, allowed: Sequence[str]) -> dict[str, _Node]:
-        """The node as a mapping with only `allowed` keys; a typo is named with a suggestion."""
-        if self.value is None:
-            return {}
-        if not isinstance(self.value, dict):
-            self.fail(f"must be a mapping (key: value), got {_describe(self.value)}")
-        out: dict[str, _Node] = {}
-        for key, value in self.value.items():
-            if not isinstance(key, str):
-                self.fail(f"key {key!r} must be a string")
-            if key not in allowed:
-                near = difflib.get_close_matches(key, allowed, n=1)
-                hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(allowed)}"
-                self.child(key, value).fail(f"unknown key{hint}")
-            out[key] = self.child(key, value)
-        return out
-
-    def entries(self, what: str) -> list[tuple[object, _Node]]:
-        """A mapping with keys of the user's choosing (labels, users): (key, its node) pairs; none if unset."""
-        if self.value is None:
-            return []
-        if not isinstance(self.value, dict):
-            self.fail(f"must be a mapping of {what}, got {_describe(self.value)}")
-        return [(key, self.child(str(key), value)) for key, value in self.value.items()]
-
-    def sequence(self) -> list[_Node]:
-        if not isinstance(self.value, list):
-            self.fail(f"must be a list, got {_describe(self.value)}")
-        return [self.child(i, v) for i, v in enumerate(self.value)]
-
-    def string(self, *, allow_empty: bool = False) -> str:
-        if not isinstance(self.value, str):
-            self.fail(f"must be a string, got {_describe(self.value)}")
-        if not allow_empty and not self.value.strip():
-            self.fail("must not be empty")
-        return self.value
-
-    def duration(self) -> float:
-        if isinstance(self.value, bool) or not isinstance(self.value, str):
-            self.fail(f"{self.value!r} is not a duration like 30s, 5m, 1h30m, 7d (a unit is required)")
-        try:
-            return parse_duration(self.value)
-        except ValueError as exc:
-            self.fail(str(exc))
-
-    def boolean(self) -> bool:
-        if not isinstance(self.value, bool):
-            self.fail(f"must be true or false, got {_describe(self.value)}")
-        return self.value
-
-    def integer(self, *, minimum: int) -> int:
-        if isinstance(self.value, bool) or not isinstance(self.value, int):
-            self.fail(f"must be an integer, got {_describe(self.value)}")
-        if self.value < minimum:
-            self.fail(f"must be at least {minimum}, got {self.value}")
-        return self.value
-
-    def number(self, *, above: float | None = None, at_least: float | None = None,
-               below: float | None = None) -> float:
-        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)):
-            self.fail(f"must be a number, got {_describe(self.value)}")
-        value = float(self.value)
-        if not math.isfinite(value):
-            self.fail(f"must be a finite number, got {self.value}")
-        if above is not None and value <= above:
-            self.fail(f"must be greater than {above:g}, got {self.value}")
-        if at_least is not None and value < at_least:
-            self.fail(f"must be at least {at_least:g}, got {self.value}")
-        if below is not None and value >= below:
-            self.fail(f"must be less than {below:g}, got {self.value}")
-        return value
-
-    def string_list(self) -> tuple[str, ...]:
-        if self.value is None:
-            return ()
-        return tuple(item.string() for item in self.sequence())
+def _text(node: Node) -> str:
+    """The node's string, which must not be blank."""
+    assert isinstance(node.value, str), node.path  # the schema says so
+    if not node.value.strip():
+        node.fail("must not be empty")
+    return node.value
 
 
-def _describe(value: object) -> str:
-    if value is None:
-        return "nothing (null)"
-    kind = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
-            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
-    return f"{kind} ({value!r})" if isinstance(value, (str, int, float)) else kind
-
-
-# --- YAML loading -----------------------------------------------------------------------------
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys: YAML would silently keep the last one."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
-    seen: set[object] = set()
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue  # `<<: *anchor`; construct_mapping merges it
-        key = loader.construct_object(key_node, deep=deep)
-        if not isinstance(key, Hashable):
-            continue  # construct_mapping reports "found unhashable key" with its position
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def parse_yaml(text: str, source: str) -> object:
+def _duration(node: Node) -> float:
+    assert isinstance(node.value, str), node.path
     try:
-        return yaml.load(text, Loader=_StrictLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(f"{source}: {where}invalid YAML: {exc.problem or exc.context}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
+        return parse_duration(node.value)
+    except ValueError as exc:
+        node.fail(str(exc))
 
 
-def _expand_env(node: _Node, env: Mapping[str, str]) -> object:
-    """Expand ${VAR} and ${VAR:-default} in every string of the document."""
-    value = node.value
-    if isinstance(value, str):
-        def replace(match: re.Match[str]) -> str:
-            name, default = match.group(1), match.group(2)
-            if default is not None:  # as in the shell: the default also replaces an empty value
-                return env.get(name) or default
-            if name in env:
-                return env[name]
-            node.fail(f"environment variable {name} is not set")
-        return _ENV_RE.sub(replace, value)
-    if isinstance(value, dict):
-        return {k: _expand_env(node.child(str(k), v), env) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand_env(node.child(i, v), env) for i, v in enumerate(value)]
+def _interval(node: Node) -> float:
+    seconds = _duration(node)
+    if seconds < 1:
+        node.fail("must be at least 1s")
+    return seconds
+
+
+def _finite(node: Node, value: float) -> float:
+    if not math.isfinite(value):  # the schema's bounds let +inf through
+        node.fail(f"must be a finite number, got {value}")
     return value
 
 
-# --- sections ---------------------------------------------------------------------------------
-
-_TOP_KEYS: Final = ("api", "poll", "windows", "org_sets", "server", "shard", "collectors", "discovery")
-_API_KEYS: Final = ("base_url", "version", "api_key", "api_key_file", "timeout", "max_concurrency",
-                    "max_requests_per_second", "retries")
-_POLL_KEYS: Final = ("interval", "jitter", "delay", "stale_after", "timezone")
-_WINDOW_KEYS: Final = ("range", "interval")
-_ORG_SET_KEYS: Final = ("name", "org_ids", "user_ids", "labels", "windows")
-_SERVER_KEYS: Final = ("listen", "web_config_file", "enable_lifecycle")
-_COLLECTOR_KEYS: Final[Mapping[CollectorName, tuple[str, ...]]] = MappingProxyType({
-    "usage": ("enabled", "interval", "windows"),
-    "active_users": ("enabled", "interval", "windows", "min_sessions", "min_searches"),
-    "consumption": ("enabled", "interval", "windows"),
-    "organizations": ("enabled", "interval"),
-    "queue": ("enabled", "interval"),
-})
-_DISCOVERY_KEYS: Final = ("organizations", "windows", "labels", "exclude")
-
-
-def _api(node: _Node, env: Mapping[str, str], base_dir: Path) -> tuple[ApiSettings, _Node]:
+def _api(section: ApiSection, node: Node, env: Mapping[str, str], base_dir: Path) -> tuple[ApiSettings, Node]:
     """The API settings with `version` not yet resolved (see _resolve_version), and the node the key
     came from, for errors about it."""
-    keys = node.mapping(_API_KEYS)
-    base_url = keys["base_url"].string() if "base_url" in keys else DEFAULT_BASE_URL
+    url_node = node.child("base_url", section.base_url)
+    base_url = _text(url_node)
     try:
         parts = urlsplit(base_url)
         parts.port  # noqa: B018 - raises ValueError on a port out of range
     except ValueError:
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        keys["base_url"].fail(f"{base_url!r} is not an http(s) URL like {DEFAULT_BASE_URL}")
+        url_node.fail(f"{base_url!r} is not an http(s) URL like {DEFAULT_BASE_URL}")
     if parts.username is not None or parts.password is not None:
         # Credentials in the URL would show on the landing page and in logs; the key has its own field.
-        keys["base_url"].fail("must not contain credentials (user:password@); the key goes in api.api_key")
-    version_setting: ApiVersionSetting = "auto"
-    if "version" in keys:
-        written = keys["version"].string()
-        if written not in API_VERSION_SETTINGS:
-            keys["version"].fail(f"{written!r} is not an API version: use auto, v3 or v2")
-        version_setting = written
+        url_node.fail("must not contain credentials (user:password@); the key goes in api.api_key")
     key_file: str | None = None
-    if "api_key" in keys and "api_key_file" in keys:
+    if section.api_key is not UNSET and section.api_key_file is not UNSET:
         node.fail("set either api_key or api_key_file, not both")
-    if "api_key_file" in keys:
-        key_file = keys["api_key_file"].string()
-        api_key = read_api_key_file(keys["api_key_file"], base_dir)
-        key_node = keys["api_key_file"]
-    elif "api_key" in keys:
-        api_key = keys["api_key"].string(allow_empty=True).strip()
+    if section.api_key_file is not UNSET:
+        key_node = node.child("api_key_file", section.api_key_file)
+        key_file = _text(key_node)
+        api_key = read_api_key_file(key_node, base_dir)
+    elif section.api_key is not UNSET:
+        key_node = node.child("api_key", section.api_key)
+        api_key = section.api_key.strip()
         if not api_key:
-            keys["api_key"].fail("the API key is empty (is the environment variable set and non-empty?)")
-        key_node = keys["api_key"]
+            key_node.fail("the API key is empty (is the environment variable set and non-empty?)")
     else:
         api_key = env.get(API_KEY_ENV, "").strip()
         key_node = node.child("api_key", None)
         if not api_key:
             key_node.fail(f"missing: set api.api_key, api.api_key_file or the {API_KEY_ENV} environment variable")
-    defaults = ApiSettings(base_url=DEFAULT_BASE_URL, api_key=ApiKey(""))  # every default lives there
+    timeout = node.child("timeout", section.timeout)
     return ApiSettings(
         base_url=base_url.rstrip("/"),
         api_key=ApiKey(api_key),
-        timeout=_positive(keys["timeout"], keys["timeout"].duration()) if "timeout" in keys else defaults.timeout,
-        max_concurrency=(keys["max_concurrency"].integer(minimum=1) if "max_concurrency" in keys
-                         else defaults.max_concurrency),
-        max_requests_per_second=(keys["max_requests_per_second"].number(above=0)
-                                 if "max_requests_per_second" in keys else defaults.max_requests_per_second),
-        retries=keys["retries"].integer(minimum=0) if "retries" in keys else defaults.retries,
+        timeout=_positive(timeout, _duration(timeout)),
+        max_concurrency=section.max_concurrency,
+        max_requests_per_second=_finite(node.child("max_requests_per_second", None),
+                                        section.max_requests_per_second),
+        retries=section.retries,
         api_key_file=key_file,
-        version_setting=version_setting,
+        version_setting=section.version,
     ), key_node
 
 
-def _resolve_version(api: ApiSettings, key_node: _Node, version_node: _Node) -> ApiSettings:
+def _resolve_version(api: ApiSettings, key_node: Node, version_node: Node) -> ApiSettings:
     """`api` with its version resolved: auto follows the key's prefix, and an explicit version must
     fit the key (an explicit version accepts a key of another shape: the API decides)."""
     key = api.api_key.reveal()
@@ -576,13 +428,13 @@ def _resolve_version(api: ApiSettings, key_node: _Node, version_node: _Node) -> 
     return replace(api, version=setting)
 
 
-def _positive(node: _Node, seconds: float) -> float:
+def _positive(node: Node, seconds: float) -> float:
     if seconds <= 0:
         node.fail("must be greater than 0s (0 would disable the timeout)")
     return seconds
 
 
-def read_api_key_file(node: _Node, base_dir: Path) -> str:
+def read_api_key_file(node: Node, base_dir: Path) -> str:
     path = base_dir / str(node.value)
     try:
         key = path.read_text(encoding="utf-8").strip()
@@ -597,41 +449,32 @@ def read_api_key_file(node: _Node, base_dir: Path) -> str:
     return key
 
 
-def _poll(node: _Node) -> PollSettings:
-    keys = node.mapping(_POLL_KEYS)
-    defaults = PollSettings()
-    interval = keys["interval"].duration() if "interval" in keys else defaults.interval
-    if interval < 1:
-        keys["interval"].fail("must be at least 1s")
-    tz_name = keys["timezone"].string() if "timezone" in keys else defaults.timezone
+def _poll(section: PollSection, node: Node) -> PollSettings:
+    interval = _interval(node.child("interval", section.interval))
+    timezone = node.child("timezone", section.timezone)
+    tz_name = _text(timezone)
     try:
         ZoneInfo(tz_name)
     except (ZoneInfoNotFoundError, ValueError):
-        keys["timezone"].fail(f"{tz_name!r} is not an IANA time zone like UTC or America/Los_Angeles")
+        timezone.fail(f"{tz_name!r} is not an IANA time zone like UTC or America/Los_Angeles")
     return PollSettings(
         interval=interval,
-        jitter=keys["jitter"].number(at_least=0, below=1) if "jitter" in keys else defaults.jitter,
-        delay=keys["delay"].duration() if "delay" in keys else defaults.delay,
-        stale_after=keys["stale_after"].integer(minimum=1) if "stale_after" in keys else defaults.stale_after,
+        jitter=section.jitter,  # the schema's bounds, [0, 1), leave no room for nan or inf
+        delay=_duration(node.child("delay", section.delay)),
+        stale_after=section.stale_after,
         timezone=tz_name,
     )
 
 
-def _window(node: _Node, default_interval: float) -> Window:
+def _window(item: str | WindowEntry, node: Node, default_interval: float) -> Window:
     interval = default_interval
     explicit = False
-    if isinstance(node.value, dict):
-        keys = node.mapping(_WINDOW_KEYS)
-        if "range" not in keys:
-            node.fail("a window entry needs `range` (for example {range: 30d, interval: 30m})")
-        if "interval" in keys:
-            interval = _interval(keys["interval"])
+    if isinstance(item, WindowEntry):
+        if item.interval is not UNSET:
+            interval = _interval(node.child("interval", item.interval))
             explicit = True
-        node = keys["range"]
-    name = node.string() if isinstance(node.value, str) else node.fail(
-        f"{node.value!r} is not a window: use a duration like 24h or 7d, or one of "
-        f"{', '.join(CALENDAR_WINDOWS)}"
-    )
+        node = node.child("range", item.range)
+    name = _text(node)
     if name in CALENDAR_WINDOWS:
         return Window(name=name, kind=name, range_seconds=None, interval=interval, interval_explicit=explicit)
     try:
@@ -646,63 +489,54 @@ def _window(node: _Node, default_interval: float) -> Window:
     return Window(name=name, kind="range", range_seconds=seconds, interval=interval, interval_explicit=explicit)
 
 
-def _interval(node: _Node) -> float:
-    seconds = node.duration()
-    if seconds < 1:
-        node.fail("must be at least 1s")
-    return seconds
-
-
-def _windows(node: _Node, default_interval: float) -> tuple[Window, ...]:
-    items = node.sequence()
+def _windows(items: tuple[str | WindowEntry, ...], node: Node, default_interval: float) -> tuple[Window, ...]:
     if not items:
         node.fail("must list at least one window")
-    windows = tuple(_window(item, default_interval) for item in items)
+    windows = tuple(_window(item, node.child(i, item), default_interval) for i, item in enumerate(items))
     for i, window in enumerate(windows):
         if any(other.name == window.name for other in windows[:i]):
-            items[i].fail(f"window {window.name!r} is listed twice")
+            node.child(i, None).fail(f"window {window.name!r} is listed twice")
     return windows
 
 
-def _labels(node: _Node) -> tuple[tuple[str, str], ...]:
-    """Static labels: valid Prometheus names the exporter does not set itself, string values."""
-    labels: list[tuple[str, str]] = []
-    for name, child in node.entries("label name to value"):
-        value = child.value
-        if not isinstance(name, str) or not IDENTIFIER_RE.fullmatch(name) or name.startswith("__"):
-            child.fail(f"{name!r} is not a valid Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*, no leading __)")
+def _labels(labels: Mapping[str, str] | None, node: Node) -> tuple[tuple[str, str], ...]:
+    """Static labels: valid Prometheus names the exporter does not set itself."""
+    for name in labels or {}:
+        if not IDENTIFIER_RE.fullmatch(name) or name.startswith("__"):
+            node.child(name, None).fail(
+                f"{name!r} is not a valid Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*, no leading __)")
         if name in RESERVED_LABELS:
-            child.fail(f"label {name!r} is set by the exporter itself; choose another name")
-        if not isinstance(value, str):
-            child.fail(f"label values must be strings, got {_describe(value)}; quote it")
-        labels.append((name, value))
-    return tuple(sorted(labels))
+            node.child(name, None).fail(f"label {name!r} is set by the exporter itself; choose another name")
+    return tuple(sorted((labels or {}).items()))
 
 
-def _org_sets(node: _Node, global_windows: tuple[Window, ...], interval: float, *,
-              discovery: bool) -> tuple[OrgSet, ...]:
-    if node.value is None or node.value == []:
+def _ids(items: tuple[str, ...] | None, node: Node) -> tuple[str, ...]:
+    return tuple(_text(node.child(i, item)) for i, item in enumerate(items or ()))
+
+
+def _org_sets(entries: tuple[OrgSetEntry, ...] | None, node: Node, global_windows: tuple[Window, ...],
+              interval: float, *, discovery: bool) -> tuple[OrgSet, ...]:
+    if not entries:
         if discovery:
             return ()  # discovery.organizations makes the sets
         node.fail("must list at least one org set (for example `- name: enterprise`), "
                   "or turn on discovery.organizations")
     sets: list[OrgSet] = []
     names: set[str] = set()  # not a scan of `sets`: that is quadratic, and configs reach thousands
-    for item in node.sequence():
-        keys = item.mapping(_ORG_SET_KEYS)
-        if "name" not in keys:
-            item.fail("an org set needs a `name`")
-        name = keys["name"].string().strip()
+    for i, entry in enumerate(entries):
+        item = node.child(i, entry)
+        name_node = item.child("name", entry.name)
+        name = _text(name_node).strip()
         if name in names:
-            keys["name"].fail(f"duplicate org set name {name!r}")
+            name_node.fail(f"duplicate org set name {name!r}")
         names.add(name)
-        windows = _windows(keys["windows"], interval) if "windows" in keys else global_windows
-        labels = _labels(keys["labels"]) if "labels" in keys else ()
+        windows = (global_windows if entry.windows is UNSET
+                   else _windows(entry.windows, item.child("windows", None), interval))
         sets.append(OrgSet(
             name=name,
-            org_ids=keys["org_ids"].string_list() if "org_ids" in keys else (),
-            user_ids=keys["user_ids"].string_list() if "user_ids" in keys else (),
-            labels=labels,
+            org_ids=_ids(entry.org_ids, item.child("org_ids", None)),
+            user_ids=_ids(entry.user_ids, item.child("user_ids", None)),
+            labels=_labels(entry.labels, item.child("labels", None)),
             windows=windows,
         ))
     return tuple(sets)
@@ -713,90 +547,91 @@ class _WrittenCollector:
     """A collector as written, before the API version decides the v3-only ones."""
 
     settings: CollectorSettings  # enabled unless written otherwise
-    enabled: _Node | None  # the `enabled` key if written
+    enabled: Node | None  # the `enabled` key if written
 
 
-def _collectors(node: _Node, poll_interval: float) -> dict[CollectorName, _WrittenCollector]:
-    sections = node.mapping(COLLECTOR_NAMES)
-    defaults = default_collectors(poll_interval, "v3")
+def _collectors(section: CollectorsSection, node: Node, poll_interval: float) -> dict[CollectorName, _WrittenCollector]:
     out: dict[CollectorName, _WrittenCollector] = {}
-    for name in COLLECTOR_NAMES:
-        default = defaults[name]
-        section = sections.get(name, node.child(name, None))
-        keys = section.mapping(_COLLECTOR_KEYS[name])
-        interval = _interval(keys["interval"]) if "interval" in keys else default.interval
-        windows = default.windows
-        if "windows" in keys:
-            windows = _windows(keys["windows"], interval)
-        elif windows is not None:  # consumption's own list follows its interval
-            windows = tuple(replace(w, interval=interval) for w in windows)
+    for name, declared in _COLLECTOR_SECTIONS.items():
+        written: AnyCollectorSection = getattr(section, name) or declared()
+        at = node.child(name, None)
+        interval = poll_interval if written.interval is UNSET else _interval(at.child("interval", written.interval))
+        windows: tuple[Window, ...] | None = None
+        if isinstance(written, (UsageCollector, ActiveUsersCollector, ConsumptionCollector)) and (
+                written.windows is not UNSET):
+            windows = _windows(written.windows, at.child("windows", None), interval)
+        active_users = written if isinstance(written, ActiveUsersCollector) else ActiveUsersCollector()
         out[name] = _WrittenCollector(
             CollectorSettings(
                 name=name,
-                enabled=keys["enabled"].boolean() if "enabled" in keys else True,
+                enabled=True if written.enabled is UNSET else written.enabled,
                 interval=interval,
                 windows=windows,
-                min_sessions=keys["min_sessions"].integer(minimum=0) if "min_sessions" in keys
-                else default.min_sessions,
-                min_searches=keys["min_searches"].integer(minimum=0) if "min_searches" in keys
-                else default.min_searches,
+                min_sessions=active_users.min_sessions,
+                min_searches=active_users.min_searches,
             ),
-            keys.get("enabled"),
+            None if written.enabled is UNSET else at.child("enabled", written.enabled),
         )
     return out
 
 
-def _resolve_collectors(written: Mapping[CollectorName, _WrittenCollector], api: ApiSettings,
-                        notes: list[str]) -> dict[str, CollectorSettings]:
-    """The collectors for API `version`: a v3-only one left without `enabled` is off on v2 (with a
+def _for_version(collector: _WrittenCollector, version: ApiVersion, api: ApiSettings | None = None,
+                 notes: list[str] | None = None) -> CollectorSettings:
+    """The collector on API `version`: a v3-only one left without `enabled` is off on v2 (with a
     note); written `enabled: true` on v2 it is an error."""
-    out: dict[str, CollectorSettings] = {}
-    why = "api.version is v2" if api.version_setting == "v2" else "the API key is a v2 key (apk_...)"
-    for name, collector in written.items():
-        settings = collector.settings
-        if api.version == "v2" and name in V3_ONLY_COLLECTORS:
-            if collector.enabled is None:
-                settings = replace(settings, enabled=False)
-                notes.append(f"collector {name} is v3-only; off on API v2")
-            elif settings.enabled:
-                collector.enabled.fail(
-                    f"collector {name} needs API v3 (a service user token, cog_...), but the API is v2: {why}; "
-                    "remove `enabled: true` or set it to false")
-        out[name] = settings
-    return out
+    settings = collector.settings
+    if version == "v2" and settings.name in V3_ONLY_COLLECTORS:
+        if collector.enabled is None:
+            if notes is not None:
+                notes.append(f"collector {settings.name} is v3-only; off on API v2")
+            return replace(settings, enabled=False)
+        if settings.enabled:
+            why = ("api.version is v2" if api is not None and api.version_setting == "v2"
+                   else "the API key is a v2 key (apk_...)")
+            collector.enabled.fail(
+                f"collector {settings.name} needs API v3 (a service user token, cog_...), but the API is v2: "
+                f"{why}; remove `enabled: true` or set it to false")
+    return settings
 
 
-def _discovery(node: _Node, poll_interval: float) -> DiscoverySettings:
-    keys = node.mapping(_DISCOVERY_KEYS)
+def _discovery(section: DiscoverySection, node: Node, poll_interval: float) -> DiscoverySettings:
     return DiscoverySettings(
-        organizations=keys["organizations"].boolean() if "organizations" in keys else False,
-        windows=_windows(keys["windows"], poll_interval) if "windows" in keys else None,
-        labels=_labels(keys["labels"]) if "labels" in keys else (),
-        exclude=keys["exclude"].string_list() if "exclude" in keys else (),
+        organizations=section.organizations,
+        windows=None if section.windows is UNSET else _windows(section.windows, node.child("windows", None),
+                                                               poll_interval),
+        labels=_labels(section.labels, node.child("labels", None)),
+        exclude=_ids(section.exclude, node.child("exclude", None)),
     )
 
 
-def _server(node: _Node, base_dir: Path) -> ServerSettings:
-    keys = node.mapping(_SERVER_KEYS)
-    defaults = ServerSettings()
-    host, port = defaults.host, defaults.port
-    if "listen" in keys:
-        try:
-            host, port = parse_listen(keys["listen"].string())
-        except ValueError as exc:
-            keys["listen"].fail(str(exc))
+def _server(section: ServerSection, node: Node, base_dir: Path) -> ServerSettings:
+    listen = node.child("listen", section.listen)
+    try:
+        host, port = parse_listen(_text(listen))
+    except ValueError as exc:
+        listen.fail(str(exc))
     web_config: str | None = None
-    if "web_config_file" in keys and keys["web_config_file"].value is not None:
-        web_config = str(base_dir / keys["web_config_file"].string())
+    if section.web_config_file is not None:
+        file = node.child("web_config_file", section.web_config_file)
+        web_config = str(base_dir / _text(file))
         if not Path(web_config).is_file():
-            keys["web_config_file"].fail(f"{web_config} does not exist")
+            file.fail(f"{web_config} does not exist")
     # Parsed here so --check-config and a SIGHUP reload catch a broken web config (TLS, users).
-    from exporter.webconfig import load_web_config  # imports this module; loaded on first use
+    # Imported here: bcrypt and the TLS code load only for a config that has a web config.
+    from exporter.webconfig import load_web_config
 
     parsed = load_web_config(web_config) if web_config is not None else None
     return ServerSettings(host=host, port=port, web_config_file=web_config, web_config=parsed,
-                          enable_lifecycle=(keys["enable_lifecycle"].boolean() if "enable_lifecycle" in keys
-                                            else defaults.enable_lifecycle))
+                          enable_lifecycle=section.enable_lifecycle)
+
+
+def _shard(text: str | None, node: Node, env: Mapping[str, str]) -> Shard | None:
+    if not text:  # empty: `shard: ${EXPORTER_SHARD:-}` left unset
+        return None
+    try:
+        return parse_shard(text, env)
+    except ValueError as exc:
+        node.fail(str(exc))
 
 
 # --- entry points -----------------------------------------------------------------------------
@@ -827,31 +662,27 @@ def _parse_config(text: str, source: str, env: Mapping[str, str], base_dir: Path
 
 def _build_config(text: str, source: str, env: Mapping[str, str], base_dir: Path | None) -> Config:
     base_dir = Path(".") if base_dir is None else base_dir
-    root = _Node(parse_yaml(text, source), "", source)
+    root = Node(parse_yaml(text, source), "", source)
     if root.value is None:
         root.fail("the file is empty; see config.example.yaml")
-    root = _Node(_expand_env(root, env), "", source)
-    keys = root.mapping(_TOP_KEYS)
-
-    def section(name: str) -> _Node:
-        return keys.get(name, root.child(name, None))
-
-    poll = _poll(section("poll"))
-    if "windows" in keys:
-        windows = _windows(keys["windows"], poll.interval)
-    else:
-        windows = tuple(_window(root.child("windows", w), poll.interval) for w in DEFAULT_WINDOWS)
-    api, key_node = _api(section("api"), env, base_dir)
-    written = _collectors(section("collectors"), poll.interval)
-    discovery = _discovery(section("discovery"), poll.interval)
-    org_sets = _org_sets(section("org_sets"), windows, poll.interval, discovery=discovery.organizations)
-    server = _server(section("server"), base_dir)
+    file = convert(expand_env(root, env), source)
+    poll = _poll(file.poll or PollSection(), root.child("poll", None))
+    windows = _windows(file.windows, root.child("windows", None), poll.interval)
+    api_node = root.child("api", None)
+    api, key_node = _api(file.api or ApiSection(), api_node, env, base_dir)
+    written = _collectors(file.collectors or CollectorsSection(), root.child("collectors", None), poll.interval)
+    discovery = _discovery(file.discovery or DiscoverySection(), root.child("discovery", None), poll.interval)
+    org_sets = _org_sets(file.org_sets, root.child("org_sets", None), windows, poll.interval,
+                         discovery=discovery.organizations)
+    server = _server(file.server or ServerSection(), root.child("server", None), base_dir)
+    shard = _shard(file.shard, root.child("shard", None), env)
     # Last, so that a mistake elsewhere is named before a key that does not fit the version.
-    api = _resolve_version(api, key_node, section("api").child("version", api.version_setting))
+    api = _resolve_version(api, key_node, api_node.child("version", api.version_setting))
     notes: list[str] = []
-    collectors = _resolve_collectors(written, api, notes)
+    collectors: dict[str, CollectorSettings] = {
+        name: _for_version(c, api.version, api, notes) for name, c in written.items()}
     if discovery.organizations and not collectors["organizations"].enabled:
-        section("discovery").child("organizations", True).fail(
+        root.child("discovery", None).child("organizations", True).fail(
             "needs the organizations collector, but collectors.organizations.enabled is false")
     config = Config(
         api=api,
@@ -865,32 +696,10 @@ def _build_config(text: str, source: str, env: Mapping[str, str], base_dir: Path
         notes=tuple(notes),
     )
     # Every org set was validated above (a duplicate name is an error on every replica alike).
-    return config.with_shard(_shard(keys["shard"], env)) if "shard" in keys else config
-
-
-def _shard(node: _Node, env: Mapping[str, str]) -> Shard | None:
-    if node.value is None or node.value == "":  # empty: `shard: ${EXPORTER_SHARD:-}` left unset
-        return None
-    if not isinstance(node.value, str):
-        node.fail(f"must be INDEX/COUNT or auto/COUNT as a string (for example 0/3), "
-                  f"got {_describe(node.value)}")
-    try:
-        return parse_shard(node.value, env)
-    except ValueError as exc:
-        node.fail(str(exc))
+    return config.with_shard(shard) if shard is not None else config
 
 
 def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate the config file at `path` (relative paths inside resolve from its folder)."""
     file = Path(path)
     return parse_config(read_text(file, "config"), str(file), env=env, base_dir=file.parent)
-
-
-def read_text(file: Path, what: str) -> str:
-    """The file's text, or a ConfigError naming the file and why it cannot be read."""
-    try:
-        return file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot read {what}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{file}: not UTF-8 text") from None

@@ -19,7 +19,7 @@ import bcrypt
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from exporter.config import ConfigError, _Node, parse_yaml, read_text
+from exporter.yamldoc import ConfigError, Node, parse_yaml, read_text
 
 __all__ = [
     "AUTH_REALM",
@@ -144,7 +144,7 @@ def _ssl_reason(exc: OSError) -> str:
 # --- parsing ----------------------------------------------------------------------------------
 
 
-def _file(node: _Node, base_dir: Path) -> str:
+def _file(node: Node, base_dir: Path) -> str:
     path = base_dir / node.string()
     if not path.is_file():
         node.fail(f"{path} does not exist or is not a file")
@@ -153,14 +153,14 @@ def _file(node: _Node, base_dir: Path) -> str:
     return str(path)
 
 
-def _choice(node: _Node, choices: tuple[str, ...]) -> str:
+def _choice(node: Node, choices: tuple[str, ...]) -> str:
     value = node.string()
     if value not in choices:
         node.fail(f"{value!r} is not one of {', '.join(choices)}")
     return value
 
 
-def _tls(node: _Node, base_dir: Path) -> TlsSettings:
+def _tls(node: Node, base_dir: Path) -> TlsSettings:
     if isinstance(node.value, dict):
         for key in _UNSUPPORTED_TLS_KEYS:
             if key in node.value:
@@ -205,7 +205,7 @@ def _tls(node: _Node, base_dir: Path) -> TlsSettings:
     return tls
 
 
-def _http(node: _Node) -> None:
+def _http(node: Node) -> None:
     # Accepted so a file shared with other exporters loads; HTTP/2 and custom response headers
     # are not implemented (aiohttp serves HTTP/1.1), so the values are checked for shape only.
     keys = node.mapping(_HTTP_KEYS)
@@ -215,7 +215,7 @@ def _http(node: _Node) -> None:
         keys["headers"].fail("must be a mapping of header name to value")
 
 
-def _users(node: _Node) -> tuple[tuple[str, str], ...]:
+def _users(node: Node) -> tuple[tuple[str, str], ...]:
     users: list[tuple[str, str]] = []
     for name, child in node.entries("user name to bcrypt hash"):
         if not isinstance(name, str) or not name or ":" in name:
@@ -238,7 +238,7 @@ def parse_web_config(text: str, source: str, *, base_dir: Path | None = None) ->
     """Parse and validate a web config document; ConfigError names `source` and the key path."""
     base_dir = Path(".") if base_dir is None else base_dir
     try:
-        root = _Node(parse_yaml(text, source), "", source)
+        root = Node(parse_yaml(text, source), "", source)
         keys = root.mapping(_TOP_KEYS)
         if "http_server_config" in keys:
             _http(keys["http_server_config"])

@@ -4,25 +4,35 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import textwrap
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any, NoReturn
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from exporter import config as config_module
+from exporter import config_schema
 from exporter.config import (
     COLLECTOR_NAMES,
+    DEFAULT_BASE_URL,
     RESERVED_LABELS,
     V3_ONLY_COLLECTORS,
     WINDOWED_COLLECTORS,
+    ApiSettings,
     CollectorSettings,
     Config,
     ConfigError,
     DiscoverySettings,
     OrgSet,
+    PollSettings,
+    ServerSettings,
     Window,
+    default_collectors,
     load_config,
     parse_config,
 )
@@ -915,6 +925,11 @@ def test_cog_token_in_the_wrong_field_is_masked(field: str, tmp_path: Path) -> N
 
 def test_collector_constants() -> None:
     assert COLLECTOR_NAMES == ("usage", "active_users", "consumption", "organizations", "queue")
+    # The schema declares a section per collector, in the same order.
+    assert config_schema.CollectorsSection.__struct_fields__ == COLLECTOR_NAMES
+    assert tuple(config_module._COLLECTOR_SECTIONS) == COLLECTOR_NAMES
+    for name, section in config_module._COLLECTOR_SECTIONS.items():
+        assert f"$defs/{section.__name__}" in json.dumps(_root_collectors()[name])
     assert sorted(V3_ONLY_COLLECTORS) == ["active_users", "queue"]
     assert sorted(WINDOWED_COLLECTORS) == ["active_users", "consumption", "usage"]
 
@@ -1052,6 +1067,18 @@ def test_empty_collector_sections_mean_defaults(tmp_path: Path) -> None:
     text = "collectors:\n" + "".join(f"  {name}:\n" for name in COLLECTOR_NAMES) + "discovery:\n" + MINIMAL
     assert parse(text, tmp_path, V3) == parse(MINIMAL, tmp_path, V3)
     assert parse("collectors:\n" + MINIMAL, tmp_path) == parse(MINIMAL, tmp_path)
+
+
+def test_config_built_by_hand_gets_every_collector(tmp_path: Path) -> None:
+    parsed = parse("poll: {interval: 1m}\n" + MINIMAL, tmp_path, V3)
+    fields: dict[str, Any] = {"api": parsed.api, "poll": parsed.poll, "windows": parsed.windows,
+                              "org_sets": parsed.org_sets, "server": parsed.server}
+    built = Config(**fields)
+    assert built.collectors == parsed.collectors == default_collectors(60.0, "v3")
+    queue_off = CollectorSettings("queue", False, 60.0)
+    assert Config(**fields, collectors={"queue": queue_off}).collector("queue") == queue_off
+    with pytest.raises(ValueError, match=r"unknown collector\(s\): usgae"):
+        Config(**fields, collectors={"usgae": queue_off})
 
 
 def test_unknown_collector_name_raises_key_error(tmp_path: Path) -> None:
@@ -1400,3 +1427,158 @@ def test_unusable_urls_and_absurd_durations_rejected(doc: str, path: str, fragme
 def test_self_referencing_yaml_alias_is_a_clean_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^test\.yaml: invalid YAML: an alias refers to itself"):
         parse_config("a: &a [*a]\n", "test.yaml", env={}, base_dir=tmp_path)
+
+
+# --- the declared schema and config.schema.json -------------------------------------------------
+
+SCHEMA_FILE = EXAMPLE.parent / "config.schema.json"
+
+
+def test_config_schema_json_is_generated_from_the_declaration() -> None:
+    generated = json.dumps(config_schema.json_schema(), indent=2) + "\n"
+    assert SCHEMA_FILE.read_text(encoding="utf-8") == generated, (
+        "config.schema.json is stale: run  python -m exporter.config_schema > config.schema.json")
+
+
+def test_config_schema_module_prints_the_committed_file() -> None:
+    result = subprocess.run([sys.executable, "-m", "exporter.config_schema"], capture_output=True, text=True,
+                            timeout=60, cwd=EXAMPLE.parent, check=False)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout == SCHEMA_FILE.read_text(encoding="utf-8")
+
+
+def test_example_points_editors_at_the_schema() -> None:
+    assert EXAMPLE.read_text().splitlines()[0] == "# yaml-language-server: $schema=./config.schema.json"
+
+
+def _objects(node: object) -> Iterator[dict[str, object]]:
+    if isinstance(node, dict):
+        if node.get("type") == "object":
+            yield node
+        for value in node.values():
+            yield from _objects(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _objects(value)
+
+
+def test_schema_forbids_unknown_keys_everywhere() -> None:
+    schema = config_schema.json_schema()
+    objects = list(_objects(schema))
+    assert len(objects) >= 14  # the root, its sections, org set and window entries, five collectors
+    for node in objects:
+        if "properties" in node:  # a mapping of fixed keys; the others are labels (user-chosen names)
+            assert node["additionalProperties"] is False, node
+        else:
+            assert node["additionalProperties"] == {"type": "string"}, node
+
+
+def test_schema_states_the_schema_id_and_title() -> None:
+    schema: Any = config_schema.json_schema()
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["title"] == "devin-usage-exporter config"
+    assert list(schema["properties"]) == list(config_module._TOP_KEYS)
+
+
+def _defs(name: str) -> Any:
+    schema: Any = config_schema.json_schema()
+    return schema["$defs"][name]
+
+
+DURATION_SAMPLES = ["30s", "5m", "1h30m", "7d", "2w", "1y", "500ms", "0", "0s", "1m500ms", "5 minutes", "", "5",
+                    "1h 30m", "5M", "-5m", "1.5h", "30m1h", "m", "5min", " 5m", "today"]
+
+
+@pytest.mark.parametrize("text", DURATION_SAMPLES)
+def test_schema_duration_pattern_is_the_parsers(text: str) -> None:
+    prop = _defs("PollSection")["properties"]["delay"]
+    accepted_by_schema = len(text) >= prop["minLength"] and re.search(prop["pattern"], text) is not None
+    try:
+        config_module.parse_duration(text)
+        accepted = True
+    except ValueError:
+        accepted = False
+    assert accepted_by_schema == accepted
+
+
+# The schema's pattern says nothing of the 1m minimum: no samples below it.
+WINDOW_SAMPLES = [t for t in DURATION_SAMPLES if t not in ("30s", "500ms", "0", "0s")] + [
+    "month_to_date", "billing_cycle", "Today", "yesterday", "today "]
+
+
+@pytest.mark.parametrize("text", WINDOW_SAMPLES)
+def test_schema_window_pattern_is_the_parsers(text: str, tmp_path: Path) -> None:
+    prop = _defs("WindowEntry")["properties"]["range"]
+    accepted_by_schema = len(text) >= prop["minLength"] and re.search(prop["pattern"], text) is not None
+    try:
+        parse(f"windows: [{json.dumps(text)}]\n" + MINIMAL, tmp_path)
+        accepted = True
+    except ConfigError:
+        accepted = False
+    assert accepted_by_schema == accepted
+
+
+@pytest.mark.parametrize("name", ["team", "_x", "Team2", "org_name", "1team", "team-name", "__x", "tèam",
+                                  *sorted(RESERVED_LABELS)])
+def test_schema_label_names_are_the_parsers(name: str, tmp_path: Path) -> None:
+    rule = _defs("OrgSetEntry")["properties"]["labels"]["anyOf"][0]["propertyNames"]
+    forbidden = rule["not"]["anyOf"]
+    accepted_by_schema = (re.search(rule["pattern"], name) is not None
+                          and not re.search(forbidden[0]["pattern"], name) and name not in forbidden[1]["enum"])
+    try:
+        parse(f"org_sets: [{{name: a, labels: {{'{name}': v}}}}]\n", tmp_path)
+        accepted = True
+    except ConfigError:
+        accepted = False
+    assert accepted_by_schema == accepted
+
+
+def _root_collectors() -> Any:
+    return _defs("CollectorsSection")["properties"]
+
+
+def _root_property(name: str) -> Any:
+    schema: Any = config_schema.json_schema()
+    return schema["properties"][name]
+
+
+def test_schema_defaults_are_the_parsers(tmp_path: Path) -> None:
+    """Writing every default the schema states changes nothing: they are the defaults the parser applies."""
+    def defaults(name: str) -> dict[str, object]:
+        return {key: prop["default"] for key, prop in _defs(name)["properties"].items()
+                if "default" in prop and prop["default"] is not None}
+
+    document = {
+        "api": defaults("ApiSection"), "poll": defaults("PollSection"), "server": defaults("ServerSection"),
+        "windows": _root_property("windows")["default"],
+        "collectors": {name: defaults(section.__name__)
+                       for name, section in config_module._COLLECTOR_SECTIONS.items()},
+        "discovery": defaults("DiscoverySection"),
+        "org_sets": [{"name": "enterprise"}],
+    }
+    assert document["api"] == {"base_url": "https://api.devin.ai", "version": "auto", "timeout": "30s",
+                               "max_concurrency": 4, "max_requests_per_second": 2.0, "retries": 3}
+    for env in (ENV, V3):
+        assert parse(json.dumps(document), tmp_path, env) == parse(MINIMAL, tmp_path, env)
+
+
+def test_settings_defaults_are_the_config_files(tmp_path: Path) -> None:
+    # The frozen settings have defaults of their own, for code that builds them directly: the same ones.
+    config = parse(MINIMAL, tmp_path)
+    assert config.api == ApiSettings(base_url=DEFAULT_BASE_URL, api_key=config.api.api_key)
+    assert config.poll == PollSettings()
+    assert config.server == ServerSettings()
+    assert config.discovery == DiscoverySettings()
+    assert config.collectors == default_collectors()
+    v3 = parse(MINIMAL, tmp_path, V3)
+    assert v3.collectors == default_collectors(version="v3")
+
+
+def test_a_complaint_the_translation_does_not_know_is_still_one_line_at_its_key_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def unknown(message: str, root: object) -> NoReturn:
+        raise StopIteration
+
+    monkeypatch.setattr(config_schema, "_explain", unknown)
+    reject("api: {retries: many}\n" + MINIMAL, tmp_path, "api.retries", "Expected `int`, got `str`")
+    reject("- a\n", tmp_path, "", "Expected `object`, got `array`")

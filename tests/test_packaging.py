@@ -555,6 +555,44 @@ def test_schema_config_keys_are_the_exporters() -> None:
     assert props["org_sets"]["items"]["additionalProperties"] is False
 
 
+def _property_tree(schema: Mapping[str, Any], node: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys a JSON Schema allows at `node` and below, as nested dicts ("[]" for list items),
+    through $ref, anyOf/oneOf and items."""
+    if "$ref" in node:
+        target: Any = schema
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        return _property_tree(schema, target)
+    tree: dict[str, Any] = {}
+
+    def merge(into: dict[str, Any], more: dict[str, Any]) -> None:
+        for key, sub in more.items():
+            merge(into.setdefault(key, {}), sub)
+
+    for alternative in [node, *node.get("anyOf", ()), *node.get("oneOf", ())]:
+        if alternative is not node:
+            merge(tree, _property_tree(schema, alternative))
+        for key, sub in alternative.get("properties", {}).items():
+            merge(tree.setdefault(key, {}), _property_tree(schema, sub))
+        if "items" in alternative:
+            merge(tree.setdefault("[]", {}), _property_tree(schema, alternative["items"]))
+    return tree
+
+
+def test_schema_config_is_config_schema_json_less_the_key() -> None:
+    """The chart's `config` allows the keys of the exporter's generated config.schema.json at every level,
+    except the API key: the chart's Secret gives it, as ${DEVIN_API_KEY}."""
+    chart = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+    exporter = json.loads((ROOT / "config.schema.json").read_text(encoding="utf-8"))
+    chart_tree = _property_tree(chart, chart["properties"]["config"])
+    exporter_tree = _property_tree(exporter, exporter)
+    for key in ("api_key", "api_key_file"):
+        del exporter_tree["api"][key]
+    assert chart_tree == exporter_tree
+    # Not vacuous: the trees reach down to a window entry's keys inside a collector's windows.
+    assert chart_tree["collectors"]["consumption"]["windows"]["[]"] == {"range": {}, "interval": {}}
+
+
 def test_schema_thresholds_are_the_rule_files() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
     thresholds = schema["properties"]["prometheusRule"]["properties"]["thresholds"]
