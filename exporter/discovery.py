@@ -18,12 +18,11 @@ def discovered_sets(config: Config, organizations: Iterable[tuple[str, str]]) ->
     organizations share, gets ` (<org_id>)` appended, for every organization of that name, so
     a name never means two things and never moves from one organization to another by accident.
     """
-    settings = config.discovery
-    excluded = set(settings.exclude)
+    excluded = set(config.discovery.exclude)
     orgs = sorted({(org_id, (name.strip() or org_id)) for org_id, name in organizations if org_id not in excluded})
-    configured = {s.name for s in config.org_sets}
+    # Every configured set, not only this shard's: a name must mean the same on every replica.
+    configured = {s.name for s in (config.all_org_sets if config.shard is not None else config.org_sets)}
     uses = collections.Counter(name for _, name in orgs)
-    windows = settings.windows if settings.windows is not None else config.windows
     sets: list[OrgSet] = []
     taken = set(configured)
     for org_id, name in orgs:
@@ -34,6 +33,5 @@ def discovered_sets(config: Config, organizations: Iterable[tuple[str, str]]) ->
                                                                                        "org_set": name})
             continue
         taken.add(name)
-        labels = tuple(sorted((*settings.labels, ("org_id", org_id))))
-        sets.append(OrgSet(name=name, org_ids=(org_id,), labels=labels, windows=windows))
+        sets.append(config.discovered_org_set(name, org_id))
     return tuple(sets)

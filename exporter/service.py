@@ -83,6 +83,9 @@ class Exporter:
         poller = await self.open()
         poller.start()
         self._refresher = asyncio.create_task(self.exposition.run(), name="exposition refresh")
+        if self.config.api.version == "v2":
+            log.warning("API v2 is deprecated upstream (\"use API v3 with service user authentication\"); "
+                        "see the README on moving to a cog_ service user token")
         self._announce(self.config)
         log.info("polling started", extra={"org_sets": len(self.config.org_sets),
                                            "schedules": len(plan_of(self.config).keys),
@@ -154,10 +157,7 @@ class Exporter:
         self.stats.track(plan.owners, lambda owner: dict.fromkeys(k.collector for k in plan.of(owner)))
 
     def _announce(self, config: Config) -> None:
-        """The start-up lines that say what this config cannot do, once per load."""
-        if config.api.version == "v2":
-            log.warning("API v2 is deprecated upstream (\"use API v3 with service user authentication\"); "
-                        "see the README on moving to a cog_ service user token")
+        """The lines that say what this config cannot do, once per load."""
         for note in (*config.notes, *plan_of(config).notes):
             log.info("%s", note)
 
@@ -179,9 +179,9 @@ class Exporter:
             after = {s.name for s in discovered}
             self._discovered = discovered
             self._switch(self._running(self._base))
-            log.info("discovered organizations changed", extra={
-                "added": ", ".join(sorted(after - before)) or None,
-                "removed": ", ".join(sorted(before - after)) or None, "org_sets": len(self.config.org_sets)})
+            changes = {"added": ", ".join(sorted(after - before)), "removed": ", ".join(sorted(before - after))}
+            log.info("discovered organizations changed",
+                     extra={**{k: v for k, v in changes.items() if v}, "org_sets": len(self.config.org_sets)})
 
 
 def _try_load(load: Callable[[], Config]) -> Config | str:
