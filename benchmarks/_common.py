@@ -111,7 +111,7 @@ poll:
   jitter: 0
 windows: [{window_list}]
 # Release 0.1's workload (v2 usage); issue 15 measures v3 with every collector.
-collectors: {{organizations: {{enabled: false}}}}
+collectors: {{organizations: {{enabled: false}}, consumption: {{enabled: false}}}}
 org_sets:
 {org_sets}server:
   listen: 127.0.0.1:0

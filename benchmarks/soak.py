@@ -159,7 +159,7 @@ poll:
   jitter: 0.1
   stale_after: 3
 windows: [{", ".join(WINDOWS[:windows])}]
-collectors: {{organizations: {{enabled: false}}}}
+collectors: {{organizations: {{enabled: false}}, consumption: {{enabled: false}}}}
 org_sets:
 {sets}server:
   listen: 127.0.0.1:0

@@ -65,7 +65,10 @@ def test_check_config_on_the_example_prints_a_one_line_summary() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     lines = result.stdout.splitlines()
-    assert len(lines) == 1
+    # One summary line; then (SPEC §10) what a set cannot get: consumption takes org_ids or
+    # user_ids, not both, so mobile-oncall has none.
+    assert lines[1:] == ["note: org set 'mobile-oncall': collector consumption publishes nothing: the API "
+                         "cannot filter it by org_ids and user_ids together"]
     assert lines[0].startswith(f"{EXAMPLE}: OK: 3 org set(s), 11 schedule(s)")
     assert "https://api.devin.ai" in lines[0] and "0.0.0.0:9877" in lines[0]
     assert KEY not in result.stdout
@@ -79,8 +82,13 @@ def test_check_config_on_the_example_with_a_service_user_token_says_v3() -> None
     assert line.startswith(f"{EXAMPLE}: OK: 3 org set(s), 11 schedule(s)")
     assert ", API v3 https://api.devin.ai, listen 0.0.0.0:9877" in line
     # v3 searches take no user_ids: the set with user_ids gets none, and --check-config says so.
-    assert notes == ["note: org set 'mobile-oncall': collector usage does not publish devin_usage_searches: "
-                     "the API cannot filter them by user_ids"]
+    assert notes == [
+        "note: org set 'mobile-oncall': collector usage does not publish devin_usage_searches: "
+        "the API cannot filter them by user_ids",
+        "note: org set 'mobile-oncall': collector active_users publishes nothing: the API cannot filter it by "
+        "user_ids",
+        "note: org set 'mobile-oncall': collector consumption publishes nothing: the API cannot filter it by "
+        "org_ids and user_ids together"]
     assert COG not in result.stdout
 
 

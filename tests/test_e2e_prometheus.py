@@ -105,6 +105,7 @@ poll:
   stale_after: 3
 windows: [1h, 24h, 7d]
 collectors:
+  consumption: {{enabled: false}}
   organizations: {{enabled: false}}  # release 0.1's schedules; the v3 stack below polls every collector
 org_sets:
   - name: enterprise

@@ -133,7 +133,7 @@ def config_text(
         "  max_concurrency: 16\n  max_requests_per_second: 10000\n"
         f"poll:\n  interval: {interval}\n  jitter: 0\nwindows: [1h]\n"
         # Release 0.1's schedules, usage only: the counts below are of its requests and log lines.
-        "collectors: {organizations: {enabled: false}}\n"
+        "collectors: {organizations: {enabled: false}, consumption: {enabled: false}}\n"
         f"org_sets:\n{sets}"
         "server:\n  listen: 127.0.0.1:0\n"
     )

@@ -102,6 +102,13 @@ def amount_map(name: str, value: object) -> dict[str, float]:
     return {str(key): amount(f"{name}.{key}", item) for key, item in value.items()}
 
 
+def array_of(read_item: Callable[[object], dict[str, object]], what: str) -> Kind:
+    """A JSON array whose every item is read by `read_item` (v3 consumption's days)."""
+    def check(name: str, value: object) -> list[dict[str, object]]:
+        return [read_item(item) for item in array(value, f"field {name!r}")]
+    return check
+
+
 def obj(document: object, what: str = "body") -> Mapping[str, object]:
     if not isinstance(document, dict):
         raise InvalidResponse(f"{what} is JSON {type(document).__name__}, not an object")
