@@ -187,7 +187,7 @@ poll:
   interval: 1h
   jitter: 0
 {extra_poll}windows: [1h, 24h]
-collectors: {{organizations: {{enabled: false}}, consumption: {{enabled: false}}}}  # release 0.1's schedules: usage only
+collectors: {{organizations: {{enabled: false}}, consumption: {{enabled: false}}}}  # release 0.1's: usage only
 org_sets:
 {org_sets}server:
   listen: 127.0.0.1:0
