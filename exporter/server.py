@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import html
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from exporter import __version__
 from exporter.config import Config
 from exporter.exposition import metrics_handler
+from exporter.landing import render_landing_page
 from exporter.plan import plan_of
 from exporter.service import Exporter
 
@@ -77,53 +76,6 @@ async def _readyz(request: web.Request) -> web.Response:
 
 def _landing_page(clock: Callable[[], float]) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        return web.Response(text=render_landing_page(request.app[EXPORTER_KEY], clock()),
+        return web.Response(text=render_landing_page(request.app[EXPORTER_KEY].snapshot, clock()),
                             content_type="text/html")
     return handler
-
-
-def render_landing_page(exporter: Exporter, now: float) -> str:
-    """A small HTML page: links, version, config minus secrets, last poll outcome per window."""
-    snap = exporter.snapshot
-    config = snap.config
-    e = html.escape
-    plan = plan_of(config)
-    sets = {s.name: s for s in config.org_sets}
-    rows = []
-    for owner in plan.owners:
-        org_set = sets.get(owner)
-        for key in plan.of(owner):
-            result = snap.result(owner, *key.slot)
-            if result.last_attempt is None:
-                outcome = "not polled yet"
-            elif result.ok:
-                outcome = f"ok {now - result.last_attempt:.0f}s ago"
-            else:
-                outcome = f"failed ({result.error}) {now - result.last_attempt:.0f}s ago"
-            if org_set is None:
-                filters = "enterprise-level"
-            else:
-                filters = ", ".join(filter(None, [
-                    f"org_ids: {', '.join(org_set.org_ids)}" if org_set.org_ids else "",
-                    f"user_ids: {', '.join(org_set.user_ids)}" if org_set.user_ids else "",
-                ])) or "whole enterprise"
-            rows.append(
-                f"<tr><td>{e(owner or '-')}</td><td>{e(key.collector)}</td><td>{e(filters)}</td>"
-                f"<td>{e(key.slot[1] or '-')}</td><td>{key.interval:g}s</td><td>{e(outcome)}</td></tr>")
-    poll = config.poll
-    return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>Devin usage exporter</title>
-<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 10px;text-align:left}}</style></head>
-<body><h1>Devin usage exporter</h1>
-<p>Version {e(__version__)}. Polls {e(config.api.base_url)} (API {e(config.api.version)}) in the background;
-scrapes never wait on it.</p>
-<ul><li><a href="metrics">/metrics</a></li><li><a href="healthz">/healthz</a></li>
-<li><a href="readyz">/readyz</a></li></ul>
-<p>Poll: default interval {poll.interval:g}s, jitter {poll.jitter:g}, delay {poll.delay:g}s,
-stale after {poll.stale_after} intervals, time zone {e(poll.timezone)}.
-API: timeout {config.api.timeout:g}s, concurrency {config.api.max_concurrency},
-{config.api.max_requests_per_second:g} requests/s, {config.api.retries} retries.</p>
-<table><tr><th>org set</th><th>collector</th><th>filter</th><th>window</th><th>interval</th><th>last poll</th></tr>
-{"".join(rows)}
-</table></body></html>
-"""
