@@ -7,8 +7,8 @@ from typing import Final
 from exporter.config import ApiVersion, Config, parse_config
 
 DEMO_LISTEN: Final = "127.0.0.1:9877"
-# v3: every organization the simulator lists becomes an org set, beside two configured ones.
-DEMO_CONFIG_V3: Final = """
+# Both demos poll the simulator like this; then each has its own collectors and org sets.
+_HEAD: Final = """
 api:
   base_url: {base_url}
   api_key: {api_key}
@@ -18,7 +18,9 @@ poll:
   interval: 10s
   jitter: 0.1
 windows: [1h, 24h, 7d, 30d]
-collectors:
+"""
+# v3: every organization the simulator lists becomes an org set, beside two configured ones.
+DEMO_CONFIG_V3: Final = _HEAD + """collectors:
   organizations: {{interval: 30s}}
   consumption: {{interval: 30s}}
   queue: {{interval: 10s}}
@@ -36,17 +38,7 @@ server:
   listen: {listen}
 """
 # v2, as release 0.1 ran it (the organizations collector polls too).
-DEMO_CONFIG_V2: Final = """
-api:
-  base_url: {base_url}
-  api_key: {api_key}
-  max_concurrency: 4
-  max_requests_per_second: 20
-poll:
-  interval: 10s
-  jitter: 0.1
-windows: [1h, 24h, 7d, 30d]
-collectors:
+DEMO_CONFIG_V2: Final = _HEAD + """collectors:
   organizations: {{interval: 30s}}
 org_sets:
   - name: enterprise

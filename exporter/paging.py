@@ -64,13 +64,18 @@ def _items(document: object, read_item: Callable[[object], T]) -> tuple[dict[str
     return page, [read_item(item) for item in raw]
 
 
+def _flag(page: dict[str, object], name: str) -> bool:
+    """A page's "more to come" flag; absent means false, as both versions default it."""
+    more = page.get(name, False)
+    if not isinstance(more, bool):
+        raise InvalidResponse(f"field {name!r} is {replies.describe(more)}, not a boolean")
+    return more
+
+
 def _read_cursor_page(document: object, read_item: Callable[[object], T]) -> tuple[list[T], str | None]:
     """A v3 page: (items, the cursor of the next page or None on the last)."""
     page, items = _items(document, read_item)
-    more = page.get("has_next_page", False)
-    if not isinstance(more, bool):
-        raise InvalidResponse(f"field 'has_next_page' is {replies.describe(more)}, not a boolean")
-    if not more:
+    if not _flag(page, "has_next_page"):
         return items, None
     cursor = page.get("end_cursor")
     if not isinstance(cursor, str) or not cursor:
@@ -81,10 +86,7 @@ def _read_cursor_page(document: object, read_item: Callable[[object], T]) -> tup
 def _read_skip_page(document: object, *, read_item: Callable[[object], T], skip: int) -> tuple[list[T], int | None]:
     """A v2 page: (items, the skip of the next page or None on the last)."""
     page, items = _items(document, read_item)
-    more = page.get("has_more", False)
-    if not isinstance(more, bool):
-        raise InvalidResponse(f"field 'has_more' is {replies.describe(more)}, not a boolean")
-    if not more:
+    if not _flag(page, "has_more"):
         return items, None
     next_cursor = page.get("next_cursor")
     if next_cursor is None:
