@@ -217,6 +217,7 @@ async def test_v3_publishes_exactly_what_the_simulator_served_for_the_bounds_the
     assert {r.path for r in rig.requests()} == {
         SESSIONS, PRS, SEARCHES, "/v3/enterprise/organizations", V3_CYCLES}
     assert {r.status for r in rig.requests()} == {200}
+    assert sum(samples["devin_exporter_api_requests_total"].values()) == len(rig.requests())
 
     expected, asked = expected_v3_usage(rig)
     # Each (set, window) asked sessions and PRs once, and searches unless the set has user_ids.
@@ -291,6 +292,10 @@ async def test_billing_cycle_window_asks_the_cycles_endpoint_and_moves_on_when_a
     assert first.query["time_after"] == [str(unix(CYCLE[0]))] and first.query["time_before"] == [str(unix(T0))]
     cycle_requests = len(rig.requests(V3_CYCLES))
     assert cycle_requests > 0
+    # Every response is counted, the cycles endpoint's too, under the collector whose endpoint it is.
+    counted = (await rig.samples())["devin_exporter_api_requests_total"]
+    assert counted == {labels(collector="usage", org="oncall", code="200"): 3.0,
+                       labels(collector="organizations", code="200"): float(cycle_requests)}
 
     # A later poll in the same cycle reuses the cycle it knows.
     clock.advance(3600)
