@@ -219,6 +219,12 @@ async def test_a_reload_keeps_discovered_sets_and_applies_new_discovery_settings
     assert rig.set_names() == ["Payments", "team-a"]
     assert set(dict(lbls)["org"] for lbls in (await rig.samples())["devin_up"]) == {"Payments", "team-a"}
 
+    # And on again: the organizations last listed make their sets at once, without asking anew.
+    assert await rig.exporter.reload(lambda: reconfigured(rig, DISCOVERY)) is True
+    assert discovered(rig) == sets
+    await rig.wait_polled("the rediscovered sets' first polls")
+    assert org_requests(rig) == listed
+
 
 async def test_a_discovered_name_that_is_taken_for_another_reason_is_skipped_not_doubled(rigs: Rigs) -> None:
     # A configured set already has the name the ` (<org_id>)` rule gives: that org gets no set,
