@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from prometheus_client import CollectorRegistry
 
+from exporter.catalogue import COLLECTORS
 from exporter.catalogue.organizations import organizations
 from exporter.clocks import Clocks
 from exporter.collector import ApiStats, ExporterCollector, ReloadStatus, build_registry
@@ -154,7 +155,13 @@ class Exporter:
 
     def _track(self, config: Config) -> None:
         plan = plan_of(config)
-        self.stats.track(plan.owners, lambda owner: dict.fromkeys(k.collector for k in plan.of(owner)))
+        collectors = {owner: dict.fromkeys(k.collector for k in plan.of(owner)) for owner in plan.owners}
+        # A billing_cycle window may ask the cycles endpoint itself (exporter/cycle.py), counted under
+        # the organizations collector's enterprise counters: they must exist when that collector is off.
+        if any(k.window is not None and k.window.kind == "billing_cycle" and k.version in
+               COLLECTORS[k.collector].cycle_bounds for k in plan.keys):
+            collectors.setdefault(ENTERPRISE, {})["organizations"] = None
+        self.stats.track(collectors, lambda owner: collectors[owner])
 
     def _announce(self, config: Config) -> None:
         """The lines that say what this config cannot do, once per load."""

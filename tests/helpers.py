@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Final
+from typing import Final, TypedDict, Unpack
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -53,47 +53,74 @@ class WallClock:
         self.now += timedelta(seconds=seconds)
 
 
-def make_config(
-    base_url: str,
-    org_sets: str,
-    *,
-    windows: str = "[1h, 24h]",
-    interval: str = "1h",
-    delay: str = "0s",
-    stale_after: int = 3,
-    zone: str = "UTC",
-    retries: int = 0,
-    timeout: str = "5s",
-    key: str = KEY,
-    collectors: str = "{organizations: {enabled: false}, consumption: {enabled: false}}",
-) -> Config:
-    """A config that polls every schedule exactly once, right away (no jitter, long interval).
+class ConfigOptions(TypedDict, total=False):
+    """The keyword arguments of `config_text` and `make_config`."""
 
-    Only the usage collector by default (active_users and queue are off on v2): release 0.1's tests
-    count its requests and schedules; tests of the other collectors pass `collectors`.
-    """
-    text = f"""\
+    windows: str
+    interval: str
+    delay: str
+    stale_after: int
+    zone: str
+    retries: int
+    timeout: str
+    key: str
+    collectors: str
+    extra: str  # more top-level YAML (`discovery: …`)
+    server: str  # more keys of the server section (`enable_lifecycle: true`)
+
+
+_CONFIG_DEFAULTS: Final[ConfigOptions] = {
+    "windows": "[1h, 24h]",
+    "interval": "1h",
+    "delay": "0s",
+    "stale_after": 3,
+    "zone": "UTC",
+    "retries": 0,
+    "timeout": "5s",
+    "key": KEY,
+    # Only the usage collector (active_users and queue are off on v2): release 0.1's tests count its
+    # requests and schedules; tests of the other collectors pass `collectors`.
+    "collectors": "{organizations: {enabled: false}, consumption: {enabled: false}}",
+    "extra": "",
+    "server": "",
+}
+
+
+def config_text(base_url: str, org_sets: str, **options: Unpack[ConfigOptions]) -> str:
+    """The YAML of `make_config`, for tests that need a config file (a reload reads one)."""
+    o = {**_CONFIG_DEFAULTS, **options}
+    return f"""\
 api:
   base_url: {base_url}
-  api_key: {key}
-  timeout: {timeout}
-  retries: {retries}
+  api_key: {o["key"]}
+  timeout: {o["timeout"]}
+  retries: {o["retries"]}
   max_concurrency: 32
   max_requests_per_second: 10000
 poll:
-  interval: {interval}
+  interval: {o["interval"]}
   jitter: 0
-  delay: {delay}
-  stale_after: {stale_after}
-  timezone: {zone}
-windows: {windows}
-collectors: {collectors}
+  delay: {o["delay"]}
+  stale_after: {o["stale_after"]}
+  timezone: {o["zone"]}
+windows: {o["windows"]}
+collectors: {o["collectors"]}
 org_sets:
 {textwrap.indent(textwrap.dedent(org_sets).strip(), "  ")}
 server:
   listen: 127.0.0.1:0
+{textwrap.indent(textwrap.dedent(str(o["server"])).strip(), "  ")}
+{textwrap.dedent(str(o["extra"])).strip()}
 """
-    return parse_config(text, "test.yaml", env={})
+
+
+def make_config(base_url: str, org_sets: str, **options: Unpack[ConfigOptions]) -> Config:
+    """A config that polls every schedule exactly once, right away (no jitter, long interval).
+
+    Only the usage collector by default: release 0.1's tests count its requests and schedules;
+    tests of the other collectors pass `collectors` (`"{}"`: every collector at its defaults).
+    """
+    return parse_config(config_text(base_url, org_sets, **options), "test.yaml", env={})
 
 
 def parse_samples(text: str) -> dict[str, dict[Labels, float]]:
