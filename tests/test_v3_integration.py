@@ -287,7 +287,8 @@ async def test_billing_cycle_window_asks_the_cycles_endpoint_and_moves_on_when_a
     clock = WallClock()
     # Without the organizations collector, the cycle comes from the cycles endpoint alone.
     rig = await rigs.start("- name: oncall\n  org_ids: [org-789]\n  windows: [billing_cycle]\n",
-                           clock=clock, collectors="{organizations: {enabled: false}}")
+                           clock=clock, collectors="{organizations: {enabled: false}, consumption: {enabled: false}, "
+                                                            "active_users: {enabled: false}, queue: {enabled: false}}")
     (first,) = rig.requests(SESSIONS)
     assert first.query["time_after"] == [str(unix(CYCLE[0]))] and first.query["time_before"] == [str(unix(T0))]
     cycle_requests = len(rig.requests(V3_CYCLES))

@@ -39,6 +39,11 @@ V2_KEY: Final = KEY
 Samples = dict[str, dict[Labels, float]]
 
 
+# The collectors of issue 11's tests; consumption, active_users and queue have tests of their own.
+USAGE_AND_ORGANIZATIONS: Final = (
+    "{consumption: {enabled: false}, active_users: {enabled: false}, queue: {enabled: false}}")
+
+
 @dataclass
 class Rig:
     clock: WallClock
@@ -126,7 +131,8 @@ class Rigs:
         **options: Unpack[ConfigOptions],
     ) -> Rig:
         """A rig whose config is `build(simulator URL)`, else `make_config` of `org_sets` with the
-        version's credential and every collector at its defaults unless `collectors` says otherwise."""
+        version's credential and the usage and organizations collectors at their defaults unless
+        `collectors` says otherwise (the tests of the other collectors turn theirs on)."""
         clock = clock or WallClock()
         faults = faults or Faults()
         sim, base_url = await start_simulator(api_key=V2_KEY, v3_token=V3_TOKEN, faults=faults, clock=clock.datetime,
@@ -136,7 +142,7 @@ class Rigs:
                 config = build(base_url)
             else:
                 options.setdefault("key", V3_TOKEN if version == "v3" else V2_KEY)
-                options.setdefault("collectors", "{}")
+                options.setdefault("collectors", USAGE_AND_ORGANIZATIONS)
                 config = make_config(base_url, org_sets, **options)
         except BaseException:
             await sim.cleanup()
