@@ -245,6 +245,11 @@ def test_image_build_context_yields_a_wheel_with_the_entrypoint(tmp_path: Path) 
         entry_points_name = next(n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt"))
         entry_points = archive.read(entry_points_name).decode()
         assert "exporter/py.typed" in archive.namelist()
+        # Every module of the source tree, subpackages included: a package left out of pyproject.toml
+        # installs a wheel whose first import fails (the catalogue once was).
+        missing = sorted({p.relative_to(ROOT).as_posix() for p in (ROOT / "exporter").rglob("*.py")}
+                         - set(archive.namelist()))
+        assert not missing, f"modules missing from the wheel (pyproject.toml [tool.setuptools] packages): {missing}"
     section = entry_points.split("[console_scripts]", 1)[1].split("[", 1)[0]
     scripts = dict(line.replace(" ", "").split("=", 1) for line in section.splitlines() if "=" in line)
     entrypoint, *default_args = image_command()
