@@ -31,7 +31,7 @@ _FAMILIES: Final = (
                "enterprise-level collectors)", 'devin_collector_up == 0'),
     SelfFamily("devin_collector_last_success_timestamp_seconds", "gauge", ("collector", "org", "window"),
                "Unix time of the last successful poll of the schedule",
-               'time() - devin_collector_last_success_timestamp_seconds{collector="consumption"}'),
+               'time() - devin_collector_last_success_timestamp_seconds{collector="organizations"}'),
     SelfFamily("devin_exporter_api_requests_total", "counter", ("collector", "org", "code"),
                "HTTP responses received from the Devin API, by status code",
                "sum by (code) (rate(devin_exporter_api_requests_total[5m]))"),

@@ -245,9 +245,11 @@ def test_image_build_context_yields_a_wheel_with_the_entrypoint(tmp_path: Path) 
         entry_points_name = next(n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt"))
         entry_points = archive.read(entry_points_name).decode()
         assert "exporter/py.typed" in archive.namelist()
-        # Every module of the checkout, subpackages too: one left out is an image that cannot start.
-        modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "exporter").rglob("*.py")}
-        assert modules - set(archive.namelist()) == set()
+        # Every module of the source tree, subpackages included: a package left out of pyproject.toml
+        # installs a wheel whose first import fails (the catalogue once was).
+        missing = sorted({p.relative_to(ROOT).as_posix() for p in (ROOT / "exporter").rglob("*.py")}
+                         - set(archive.namelist()))
+        assert not missing, f"modules missing from the wheel (pyproject.toml [tool.setuptools] packages): {missing}"
     section = entry_points.split("[console_scripts]", 1)[1].split("[", 1)[0]
     scripts = dict(line.replace(" ", "").split("=", 1) for line in section.splitlines() if "=" in line)
     entrypoint, *default_args = image_command()
@@ -283,6 +285,171 @@ def test_healthcheck_command_probes_healthz(tmp_path: Path) -> None:
     finally:
         demo.terminate()
         demo.wait(timeout=10)
+
+
+# --- the README's commands and scripts/test ------------------------------------------------------
+
+
+def readme_shell_blocks(title: str) -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"\n## {title}\n")
+    end = text.index("\n## ", start + 1)
+    return [block.strip() for block in re.findall(r"```sh\n(.*?)```", text[start:end], flags=re.DOTALL)]
+
+
+def test_readme_quick_start_installs_into_a_virtual_environment() -> None:
+    """Debian and Ubuntu refuse `pip install` into the system Python (PEP 668): the quick start makes
+    a venv and runs everything from it."""
+    demo, suite = readme_shell_blocks("Quick start")
+    commands = [shlex.split(part) for part in demo.split("&&")]
+    assert commands[0] == ["python3", "-m", "venv", ".venv"]
+    assert commands[1] == [".venv/bin/pip", "install", "."]
+    assert commands[2][0] == ".venv/bin/devin-usage-exporter" and "--demo" in commands[2]
+    build_parser().parse_args(commands[2][1:])  # flags the CLI has
+    for command in commands[1:]:
+        assert command[0].startswith(".venv/bin/"), command
+    assert suite == "scripts/test"
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+             if line.strip() and not line.strip().startswith("#")]
+    assert lines[-1] == "exec scripts/test"
+    script = (ROOT / "scripts" / "test").read_text(encoding="utf-8")
+    # pip only ever runs with the virtual environment's Python, never the interpreter it was made from.
+    assert not re.search(r'"\$PYTHON" -m pip', script)
+    assert ".venv/" in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
+
+
+# A stand-in for python3 (and for the Python of the venv it makes): it logs each call and does what
+# scripts/test needs of it, so the script's choices are tested without a network or a real install.
+_STUB_PYTHON: Final = r"""#!/usr/bin/env bash
+echo "$0|${VIRTUAL_ENV:-}|$*" >> "$STUB_LOG"
+case "$1" in
+  -c) if [ -n "${STUB_NO_ENSUREPIP:-}" ] && [ ! -e "$STUB_DIR/venv-installed" ]; then exit 1; fi; exit 0;;
+  --version) echo "Python 3.11.99"; exit 0;;
+  -m) case "$2" in
+        venv) mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; exit 0;;
+        pip) if [ "$3" = --version ] && [ -e "$(dirname "$0")/../nopip" ]; then exit 1; fi; exit 0;;
+        pytest) exit "${STUB_PYTEST_EXIT:-0}";;
+      esac;;
+esac
+exit 0
+"""
+_STUB_APT: Final = r"""#!/usr/bin/env bash
+echo "apt-get||$*" >> "$STUB_LOG"
+case " $* " in *" install "*) touch "$STUB_DIR/venv-installed";; esac
+"""
+
+
+def run_scripts_test(tmp_path: Path, *, uid: int = 0, venv: Path | None = None, pytest_exit: int = 0,
+                     no_ensurepip: bool = False) -> tuple[subprocess.CompletedProcess[str], list[str], Path]:
+    """scripts/test in a copy of the repository's layout, with stubs for python3, id, apt-get,
+    promtool and prometheus; returns the run, the log of stub calls and the copy's root."""
+    repo, stubs = tmp_path / "repo", tmp_path / "stubs"
+    (repo / "scripts").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / "scripts" / "test", repo / "scripts" / "test")
+    stubs.mkdir(exist_ok=True)
+    for name, text in {"python3": _STUB_PYTHON, "apt-get": _STUB_APT, "id": f'#!/bin/sh\necho {uid}\n',
+                       "promtool": "#!/bin/sh\n", "prometheus": "#!/bin/sh\n"}.items():
+        (stubs / name).write_text(text, encoding="utf-8")
+        (stubs / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    log.write_text("", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHON", "STUB_NO_ENSUREPIP")}
+    env.update(PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}", PYTHON=str(stubs / "python3"),
+               STUB_LOG=str(log), STUB_DIR=str(stubs), STUB_PYTEST_EXIT=str(pytest_exit))
+    if no_ensurepip:
+        env["STUB_NO_ENSUREPIP"] = "1"
+    if venv is not None:
+        env["VIRTUAL_ENV"] = str(venv)
+    result = subprocess.run(["bash", str(repo / "scripts" / "test"), "-x", "-q"], env=env, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=60)
+    return result, log.read_text(encoding="utf-8").splitlines(), repo
+
+
+def _runs(calls: list[str], python: Path, *, in_venv: bool = True) -> list[str]:
+    """The arguments of each call of `python`; with `in_venv`, checking that it ran with its own
+    virtual environment active (all but the check that the venv has pip, which comes before)."""
+    out = []
+    for call in calls:
+        program, venv, args = call.split("|", 2)
+        if program != str(python) or args == "-m pip --version":
+            continue
+        if in_venv:
+            assert venv == str(python.parent.parent), call
+        out.append(args)
+    return out
+
+
+def _pipeline(args: list[str]) -> list[str]:
+    """Installs, then ruff, mypy and pytest with the pytest arguments given."""
+    assert any(a.startswith("-m pip install") and a.endswith("-e .[test]") for a in args), args
+    assert any(a.startswith("-m pip install") and "helm-sdkpy==" in a for a in args), args
+    runs = [a for a in args if not a.startswith("-m pip")]
+    assert runs == ["-m ruff check exporter tests benchmarks", "-m mypy", "-m pytest -x -q"], runs
+    return runs
+
+
+def test_scripts_test_makes_dot_venv_when_no_environment_is_active(tmp_path: Path) -> None:
+    result, calls, repo = run_scripts_test(tmp_path)
+    assert result.returncode == 0, result.stderr
+    base = tmp_path / "stubs" / "python3"
+    made_by = _runs(calls, base, in_venv=False)
+    assert made_by and not [a for a in made_by if a.startswith(("-m pip", "-m pytest", "-m ruff", "-m mypy"))]
+    assert f"-m venv {repo / '.venv'}" in [c.split("|", 2)[2] for c in calls]
+    _pipeline(_runs(calls, repo / ".venv" / "bin" / "python"))
+    assert not [c for c in calls if c.startswith("apt-get")]
+
+    again, calls, _ = run_scripts_test(tmp_path)  # the second run reuses .venv
+    assert again.returncode == 0, again.stderr
+    assert not [c for c in calls if "-m venv" in c], calls
+    _pipeline(_runs(calls, repo / ".venv" / "bin" / "python"))
+
+
+def test_scripts_test_uses_the_active_virtual_environment(tmp_path: Path) -> None:
+    own = tmp_path / "own-venv"
+    (own / "bin").mkdir(parents=True)
+    (own / "bin" / "python").write_text(_STUB_PYTHON, encoding="utf-8")
+    (own / "bin" / "python").chmod(0o755)
+    result, calls, repo = run_scripts_test(tmp_path, venv=own)
+    assert result.returncode == 0, result.stderr
+    assert not _runs(calls, tmp_path / "stubs" / "python3", in_venv=False) and not (repo / ".venv").exists()
+    _pipeline(_runs(calls, own / "bin" / "python"))
+
+
+def test_scripts_test_installs_python3_venv_as_root_when_venv_is_missing(tmp_path: Path) -> None:
+    result, calls, repo = run_scripts_test(tmp_path, no_ensurepip=True)
+    assert result.returncode == 0, result.stderr
+    apt = [c for c in calls if c.startswith("apt-get")]
+    assert apt[0] == "apt-get||update -qq" and "python3-venv" in apt[1].split(), apt
+    assert "installing Debian package python3-venv" in result.stderr
+    _pipeline(_runs(calls, repo / ".venv" / "bin" / "python"))
+
+
+def test_scripts_test_says_what_to_install_when_it_cannot_make_a_venv(tmp_path: Path) -> None:
+    result, calls, repo = run_scripts_test(tmp_path, uid=1000, no_ensurepip=True)
+    assert result.returncode == 1
+    assert "apt-get install python3-venv" in result.stderr and "VIRTUAL_ENV" in result.stderr, result.stderr
+    assert not [c for c in calls if c.startswith("apt-get") or "-m pip" in c], calls
+    assert not (repo / ".venv").exists()
+
+
+def test_scripts_test_remakes_a_venv_without_pip(tmp_path: Path) -> None:
+    broken = tmp_path / "repo" / ".venv"
+    (broken / "bin").mkdir(parents=True)
+    (broken / "bin" / "python").write_text(_STUB_PYTHON, encoding="utf-8")
+    (broken / "bin" / "python").chmod(0o755)
+    (broken / "nopip").write_text("", encoding="utf-8")
+    result, calls, repo = run_scripts_test(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "creating it anew" in result.stderr and not (broken / "nopip").exists()
+    _pipeline(_runs(calls, repo / ".venv" / "bin" / "python"))
+
+
+def test_scripts_test_fails_when_pytest_collects_nothing(tmp_path: Path) -> None:
+    result, _, _ = run_scripts_test(tmp_path, pytest_exit=5)
+    assert result.returncode == 5, result.stderr
 
 
 # --- Helm, through helm-sdkpy in a child process ----------------------------------------------
