@@ -155,8 +155,8 @@ class ExporterCollector(Collector):
         for owner in owners:
             results = snap.of(owner)
             org_set = sets.get(owner)
-            if owner == ENTERPRISE and not plan.publish_enterprise:
-                continue
+            # Another shard than 0 publishes no enterprise series, only the per-set ones derived from them.
+            enterprise_series = owner != ENTERPRISE or plan.publish_enterprise
             for key in plan.of(owner):
                 result = results.get(key.slot)
                 if result is None or result.points is None or result.last_success is None:
@@ -173,7 +173,7 @@ class ExporterCollector(Collector):
                     if key.window is not None:
                         scope["window"] = key.window.name
                 static = dict(org_set.labels) if org_set is not None else {}
-                for point in result.points:
+                for point in result.points if enterprise_series else ():
                     family = families.get(point.family) or self._extra_family(point.family, families)
                     if family is not None:
                         family.add_sample(family.name, {**scope, **dict(point.labels), **static}, point.value)

@@ -89,8 +89,9 @@ def build_plan(config: Config) -> Plan:
         if not settings.enabled or version not in collector.calls:
             continue
         if collector.scope == "enterprise":
-            # Other replicas than shard 0 poll organizations only for discovery, and publish none of it.
-            if not publish and not (collector.name == "organizations" and config.discovery.organizations):
+            # Other replicas than shard 0 poll only the collectors whose results their own sets need
+            # (organizations: discovery and the sets' ACU limits), and publish no enterprise series.
+            if not publish and not collector.derived:
                 continue
             if collector.plan(version, None):
                 key = _key(collector, config, ENTERPRISE, None, None, settings.interval)
