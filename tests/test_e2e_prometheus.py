@@ -798,7 +798,7 @@ def test_dashboard_is_importable_as_is() -> None:
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     rows = [p["title"] for p in panels if p["type"] == "row"]
-    assert rows == ["Usage", "Pull requests", "Exporter health"]
+    assert rows == ["Usage", "Pull requests", "Organizations", "Exporter health"]
     for panel in panels:
         if panel["type"] == "row":
             continue
@@ -953,6 +953,16 @@ def test_every_dashboard_query_returns_data(stack: Stack, fault_cycle: FaultObse
     errors = next(t["expr"] for title, t in targets if title == "API errors by reason")
     reasons = {s["metric"].get("reason") for s in stack.prom.query(substitute(errors, DASHBOARD_VARIABLES))}
     assert "server_error" in reasons
+
+    # The health panels show every collector, the enterprise-level ones (no org label) too.
+    def shown(title: str, ref: str = "A") -> list[dict[str, str]]:
+        expr = next(t["expr"] for panel, t in targets if panel == title and t["refId"] == ref)
+        return [s["metric"] for s in stack.prom.query(substitute(expr, DASHBOARD_VARIABLES), at=now)]
+
+    health = {(m["collector"], m.get("org")) for m in shown("Collector health")}
+    assert health == stack.profile.collector_keys(), health
+    for title in ("API errors by reason", "API requests by status code"):
+        assert {m["collector"] for m in shown(title)} == set(stack.profile.collectors), title
 
 
 def test_every_metric_the_rules_and_dashboard_use_is_exported(
