@@ -245,6 +245,10 @@ def test_image_build_context_yields_a_wheel_with_the_entrypoint(tmp_path: Path) 
         entry_points_name = next(n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt"))
         entry_points = archive.read(entry_points_name).decode()
         assert "exporter/py.typed" in archive.namelist()
+        # Every module of the package, subpackages included: a subpackage left out of
+        # [tool.setuptools] packages would leave the image unable to import it.
+        modules = {p for p in sent if p.startswith("exporter/") and p.endswith(".py")}
+        assert modules and modules <= set(archive.namelist()), sorted(modules - set(archive.namelist()))
     section = entry_points.split("[console_scripts]", 1)[1].split("[", 1)[0]
     scripts = dict(line.replace(" ", "").split("=", 1) for line in section.splitlines() if "=" in line)
     entrypoint, *default_args = image_command()
