@@ -125,6 +125,17 @@ async def test_v3_bounds_are_whole_unix_seconds_exactly_the_window_apart_and_arr
     assert headers["Authorization"] == f"Bearer {TOKEN}"
 
 
+async def test_v3_window_starting_on_a_whole_second_sends_that_second_as_time_after(rig: Rig) -> None:
+    # A billing_cycle or today window: [cycle start or midnight, now], now 700 ms past a second.
+    # Rounding the length instead of cutting each bound used to send the start one second early.
+    rig.server.replies = {V3_SESSIONS.path: [ok(SESSIONS)], V3_PRS.path: [ok(PRS)],
+                          V3_SEARCHES.path: [ok({"searches_created_count": 9})]}
+    cycle_start = datetime(2026, 11, 5, 8, 0, 0, tzinfo=UTC)
+    await rig.points("usage", OrgSet("all"), Query(start=cycle_start, end=END))
+    (sent,) = rig.server.params(V3_SESSIONS.path)
+    assert sent == [("time_after", str(int(cycle_start.timestamp()))), ("time_before", str(int(END.timestamp())))]
+
+
 async def test_v3_usage_is_three_calls_and_a_set_with_user_ids_gets_no_searches(rig: Rig) -> None:
     rig.server.replies = {V3_SESSIONS.path: [ok(SESSIONS)], V3_PRS.path: [ok(PRS)],
                           V3_SEARCHES.path: [ok({"searches_created_count": 9})]}

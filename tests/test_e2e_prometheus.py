@@ -3,9 +3,15 @@
 Three real processes over loopback sockets: the API simulator (`python -m exporter simulate`), the
 exporter (`python -m exporter --config ...`) polling it every 2 s, and `prometheus` scraping the
 exporter every second and evaluating the shipped `prometheus-rules.yaml` every second. Through
-Prometheus' HTTP API the tests check that the scraped usage series are the numbers the API
-returned, that every shipped rule evaluates cleanly, that every query of the shipped Grafana
-dashboard parses and returns data, and that a failing API puts `DevinExporterDown` in pending.
+Prometheus' HTTP API the tests check that the scraped series are what the exporter served and the
+numbers the API returned, that every shipped rule evaluates cleanly, that every query of the
+shipped Grafana dashboard parses and returns data, and that a failing API puts `DevinExporterDown`
+in pending.
+
+The module runs two such stacks, one after the other (the `stack` fixture is parametrised; pytest
+finishes every test of one before it starts the other): `v2`, release 0.1's setup (an `apk_user_`
+key, the usage collector only, three configured org sets), and `v3` (a `cog_` token, every
+collector of the catalogue, organization discovery beside four configured sets).
 
 Everything waits by polling with a deadline; nothing sleeps a fixed time to let something happen.
 """
@@ -18,9 +24,9 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -47,7 +53,20 @@ from e2e_support import (
 from helpers import USAGE_METRICS
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.simulator import DEFAULT_DEMO_KEY, USAGE_PATH, expected_usage, parse_datetime
+from exporter.catalogue import CATALOGUE, all_families
+from exporter.catalogue.declare import Version
+from exporter.simulator import (
+    DEFAULT_DEMO_KEY,
+    DEFAULT_ORGANIZATIONS,
+    USAGE_PATH,
+    billing_cycle,
+    expected_prs,
+    expected_searches,
+    expected_sessions,
+    expected_usage,
+    parse_datetime,
+)
+from exporter.simulator.v3 import PRS_PATH, SEARCHES_PATH, SESSIONS_PATH
 
 PROMETHEUS: Final = shutil.which("prometheus")
 
@@ -82,6 +101,54 @@ class OrgSetSpec:
     labels: dict[str, str] = field(default_factory=dict)
     windows: tuple[str, ...] = ("1h", "24h", "7d")
 
+
+@dataclass(frozen=True)
+class StackProfile:
+    """What one stack runs and what its exporter must then publish."""
+
+    version: Version  # also the stack's pytest id
+    config: str  # the exporter's config; {base_url}, {key} and {collectors} are filled in
+    api_key: str
+    simulator_args: tuple[str, ...]
+    org_sets: Mapping[str, OrgSetSpec]  # every org set the exporter polls, discovered ones included
+    collectors: tuple[str, ...]  # the collectors the config enables
+
+    @property
+    def series_keys(self) -> frozenset[tuple[str, str]]:
+        return frozenset((org, window) for org, spec in self.org_sets.items() for window in spec.windows)
+
+    @property
+    def windows(self) -> set[str]:
+        return {window for spec in self.org_sets.values() for window in spec.windows}
+
+    def usage_keys(self, metric: str) -> frozenset[tuple[str, str]]:
+        """(org set, window) of every series of a usage family; v3 searches take no user_ids (SPEC §10)."""
+        return frozenset((org, window) for org, window in self.series_keys
+                         if not (self.version == "v3" and metric == "devin_usage_searches"
+                                 and self.org_sets[org].user_ids))
+
+    def collector_keys(self) -> set[tuple[str, str | None]]:
+        """(collector, org set) of every devin_collector_up series; enterprise-level ones have no org set."""
+        keys: set[tuple[str, str | None]] = set()
+        for collector in CATALOGUE:
+            if collector.name in self.collectors:
+                owners = [None] if collector.scope == "enterprise" else list(self.org_sets)
+                keys |= {(collector.name, owner) for owner in owners}
+        return keys
+
+    def unpublished(self) -> frozenset[str]:
+        """Families of the catalogue this stack's exporter cannot publish: those of collectors it does
+        not enable, and those its API version has no source for."""
+        published: set[str] = set()
+        for collector in CATALOGUE:
+            if collector.name in self.collectors:
+                calls = collector.calls.get(self.version, ())
+                published |= {name for call in calls for endpoint in call for name in endpoint.families}
+                published |= {derived.family.name for derived in collector.derived}
+        return frozenset(f.name for f in all_families()) - published
+
+
+# --- v2: release 0.1's stack ---------------------------------------------------------------------
 
 ORG_SETS: Final = {
     "enterprise": OrgSetSpec(),
@@ -121,6 +188,77 @@ server:
   listen: 127.0.0.1:9877         # replaced by --listen
 """
 
+# --- v3: a service user's token, every collector, discovery ------------------------------------
+
+V3_TOKEN: Final = "cog_e2e_service_user"
+# The set discovery makes of each of the simulator's default organizations: named by the
+# organization, except where a configured set has that name ("Payments" below).
+DISCOVERED: Final = {
+    "Platform": "org-platform-1",
+    "Platform Data": "org-platform-2",
+    "Mobile": "org-mobile",
+    "Payments (org-123)": "org-123",
+    "Growth": "org-456",
+    "Support Tools": "org-789",
+}
+V3_ORG_SETS: Final = {
+    "enterprise": OrgSetSpec(),
+    "platform": OrgSetSpec(org_ids=("org-platform-1", "org-platform-2"), labels={"team": "platform"}),
+    "mobile-oncall": OrgSetSpec(org_ids=("org-mobile",), user_ids=("user-1", "user-2"),
+                                labels={"team": "mobile"}, windows=("24h", "billing_cycle")),
+    "Payments": OrgSetSpec(org_ids=("org-123", "org-456"), labels={"team": "payments"}, windows=("7d",)),
+    **{name: OrgSetSpec(org_ids=(org_id,), labels={"org_id": org_id, "source": "discovery"}, windows=("24h",))
+       for name, org_id in DISCOVERED.items()},
+}
+
+# Every collector the catalogue has, each on the usage collector's 2 s schedule.
+V3_COLLECTORS: Final = "\n".join(f"  {c.name}: {{enabled: true, interval: 2s}}" for c in CATALOGUE)
+V3_EXPORTER_CONFIG: Final = """\
+api:
+  base_url: {base_url}
+  api_key: {key}                 # a cog_ token: api.version auto picks v3
+  timeout: 2s
+  retries: 0
+  max_concurrency: 8
+  max_requests_per_second: 100   # ~30 calls/s: usage is three calls per window, the lists are paged
+poll:
+  interval: 2s
+  jitter: 0
+  stale_after: 3
+windows: [1h, 24h, 7d]
+collectors:
+{collectors}
+discovery:
+  organizations: true
+  windows: [24h]
+  labels: {{source: discovery}}
+org_sets:
+  - name: enterprise
+  - name: platform
+    org_ids: [org-platform-1, org-platform-2]
+    labels: {{team: platform}}
+  - name: mobile-oncall
+    org_ids: [org-mobile]
+    user_ids: [user-1, user-2]   # v3 searches take no user_ids: no devin_usage_searches for this set
+    labels: {{team: mobile}}
+    windows: [24h, billing_cycle]
+  - name: Payments               # also an organization's name: discovery calls that one "Payments (org-123)"
+    org_ids: [org-123, org-456]
+    labels: {{team: payments}}
+    windows: [7d]
+server:
+  listen: 127.0.0.1:9877         # replaced by --listen
+"""
+
+PROFILES: Final = {
+    "v2": StackProfile("v2", EXPORTER_CONFIG, DEFAULT_DEMO_KEY, (), ORG_SETS, ("usage",)),
+    "v3": StackProfile("v3", V3_EXPORTER_CONFIG, V3_TOKEN, ("--v3-token", V3_TOKEN), V3_ORG_SETS,
+                       tuple(c.name for c in CATALOGUE)),
+}
+# A test of one stack only; the module-scoped fixture is still shared with the other tests of that stack.
+V2_ONLY: Final = pytest.mark.parametrize("stack", ["v2"], indirect=True)
+V3_ONLY: Final = pytest.mark.parametrize("stack", ["v3"], indirect=True)
+
 
 @dataclass
 class Stack:
@@ -128,7 +266,12 @@ class Stack:
     exporter_url: str
     prom: PromAPI
     processes: Processes
+    profile: StackProfile
     faulted: bool = False  # set once the fault cycle ran: error counters and alerts are then expected
+
+    @property
+    def instance(self) -> str:
+        return self.exporter_url.removeprefix("http://")
 
     def exporter_metrics(self) -> dict[str, list[tuple[dict[str, str], float]]]:
         status, body = http_get(self.exporter_url + "/metrics")
@@ -140,23 +283,24 @@ class Stack:
         return samples
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=list(PROFILES))
+def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     processes = Processes()
-    tmp = Path(tempfile.mkdtemp(prefix="devin-e2e-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"devin-e2e-{request.param}-"))
     try:
-        yield _start(processes, tmp)
+        yield _start(processes, tmp, PROFILES[request.param])
     finally:
         processes.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _start(processes: Processes, tmp: Path) -> Stack:
+def _start(processes: Processes, tmp: Path, profile: StackProfile) -> Stack:
     env = python_env()
 
     # 1. The simulator, on a port it picks itself.
     simulator = processes.start(
-        "simulator", python_argv("-m", "exporter", "simulate", "--listen", "127.0.0.1:0"), tmp,
+        "simulator",
+        python_argv("-m", "exporter", "simulate", "--listen", "127.0.0.1:0", *profile.simulator_args), tmp,
         capture_stdout=True, env=env)
     line = read_line(simulator, time.monotonic() + 15)
     match = re.fullmatch(r"simulator listening on (http://127\.0\.0\.1:\d+)\n", line)
@@ -165,7 +309,8 @@ def _start(processes: Processes, tmp: Path) -> Stack:
 
     # 2. The exporter, polling it every 2 s.
     config_file = tmp / "exporter.yaml"
-    config_file.write_text(EXPORTER_CONFIG.format(base_url=simulator_url, key=DEFAULT_DEMO_KEY))
+    config_file.write_text(profile.config.format(base_url=simulator_url, key=profile.api_key,
+                                                 collectors=V3_COLLECTORS))
     exporter_address = f"127.0.0.1:{free_port()}"
     processes.start(
         "exporter",
@@ -196,26 +341,49 @@ def _start(processes: Processes, tmp: Path) -> Stack:
     wait_until("Prometheus' /-/ready to answer 200",
                lambda: http_get(prometheus_url + "/-/ready", timeout=1)[0] == 200,
                timeout=30, processes=processes)
-    return Stack(simulator_url, exporter_url, PromAPI(prometheus_url), processes)
+    return Stack(simulator_url, exporter_url, PromAPI(prometheus_url), processes, profile)
 
 
 def _by_org_window(result: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
     return {(s["metric"]["org"], s["metric"]["window"]): float(s["value"][1]) for s in result}
 
 
-def _wait_for_usage_series(stack: Stack, timeout: float) -> None:
-    """Until Prometheus has every (org set, window) usage series and devin_up is 1 for every set."""
+def _wait_for_series(stack: Stack, timeout: float) -> None:
+    """Until Prometheus has every (org set, window) usage series, devin_up and devin_collector_up are 1
+    for every org set and collector, and (with the organizations collector) every organization is listed."""
+    profile = stack.profile
 
     def probe() -> bool:
         for metric in USAGE_METRICS.values():
             keys = set(_by_org_window(stack.prom.query(metric)))
-            assert keys == SERIES_KEYS, (metric, sorted(keys))
+            assert keys == profile.usage_keys(metric), (metric, sorted(keys))
         up = {s["metric"]["org"]: float(s["value"][1]) for s in stack.prom.query("devin_up")}
-        assert up == dict.fromkeys(ORG_SETS, 1.0), up
+        assert up == dict.fromkeys(profile.org_sets, 1.0), up
+        collectors = {(s["metric"]["collector"], s["metric"].get("org")): float(s["value"][1])
+                      for s in stack.prom.query("devin_collector_up")}
+        assert collectors == dict.fromkeys(profile.collector_keys(), 1.0), collectors
+        if "organizations" in profile.collectors:
+            listed = stack.prom.query("devin_organization_info")
+            assert len(listed) == len(DEFAULT_ORGANIZATIONS), listed
         return True
 
-    wait_until("every usage series in Prometheus and devin_up 1 for every org set", probe,
+    wait_until("every usage series in Prometheus and every org set and collector up", probe,
                timeout=timeout, processes=stack.processes)
+
+
+def _labels(stack: Stack, labels: Mapping[str, str]) -> frozenset[tuple[str, str]]:
+    """A Prometheus sample's labels less __name__ and the scrape target's job and instance (checked)."""
+    assert (labels.get("job"), labels.get("instance")) == (JOB, stack.instance), labels
+    return frozenset((k, v) for k, v in labels.items() if k not in ("__name__", "job", "instance"))
+
+
+def _in_prometheus(stack: Stack, name: str, at: float | None = None) -> dict[frozenset[tuple[str, str]], float]:
+    """Every series of `name` in Prometheus at `at`: its labels (less the target's) -> value."""
+    return {_labels(stack, s["metric"]): float(s["value"][1]) for s in stack.prom.query(name, at=at)}
+
+
+def _served(samples: list[tuple[dict[str, str], float]]) -> dict[frozenset[tuple[str, str]], float]:
+    return {frozenset(labels.items()): value for labels, value in samples}
 
 
 # ---------------------------------------------------------------------------------- scraping
@@ -233,6 +401,37 @@ def test_prometheus_scrapes_the_exporter(stack: Stack) -> None:
     assert target["lastError"] == ""
     up = stack.prom.query(f'up{{job="{JOB}"}}')
     assert [float(s["value"][1]) for s in up] == [1.0]
+
+
+# Families whose values stay put while every poll succeeds: Prometheus must hold exactly the
+# exporter's values. The others move with every poll (counts, timestamps, counters); their
+# values are checked against the API's answers below, their series here.
+STEADY: Final = frozenset({
+    "devin_up", "devin_collector_up", "devin_exporter_poll_interval_seconds", "devin_exporter_api_info",
+    "devin_exporter_build_info", "devin_exporter_config_last_reload_successful",
+    "devin_exporter_config_last_reload_success_timestamp_seconds", "devin_organization_info",
+    "devin_organization_acu_cycle_limit", "devin_organization_session_acu_limit", "devin_acu_cycle_limit",
+    "devin_billing_cycle_start_timestamp_seconds", "devin_billing_cycle_end_timestamp_seconds",
+})
+
+
+def test_prometheus_holds_every_series_the_exporter_serves(stack: Stack) -> None:
+    _wait_for_series(stack, timeout=30)
+    served = {name: samples for name, samples in stack.exporter_metrics().items() if name.startswith("devin_")}
+    at = time.time()
+
+    # Every family of every collector the stack enables is served (none left out by a version or
+    # a filter: some set can always be answered), and nothing else of the catalogue.
+    declared = {f.name for f in all_families()}
+    assert {name for name in served if name in declared} == declared - stack.profile.unpublished()
+    assert "devin_exporter_api_info" in served
+    assert _served(served["devin_exporter_api_info"]) == {frozenset({("version", stack.profile.version)}): 1.0}
+
+    for name, samples in sorted(served.items()):
+        in_prometheus = _in_prometheus(stack, name, at)
+        assert set(in_prometheus) == set(_served(samples)), name
+        if name in STEADY:
+            assert in_prometheus == _served(samples), name
 
 
 def _api_polls(stack: Stack) -> dict[tuple[str, str], list[tuple[datetime, tuple[int, ...]]]]:
@@ -259,6 +458,7 @@ def _api_polls(stack: Stack) -> dict[tuple[str, str], list[tuple[datetime, tuple
     return polls
 
 
+@V2_ONLY
 def test_usage_series_equal_what_the_api_returned(stack: Stack) -> None:
     # The counts move as the simulator's clock moves, so "Prometheus equals the exporter" cannot
     # be compared value by value at one instant without a race. Instead, both are compared with
@@ -266,7 +466,7 @@ def test_usage_series_equal_what_the_api_returned(stack: Stack) -> None:
     # `expected_usage` recomputes each body exactly. For every (org set, window), the five usage
     # values Prometheus holds at one instant (one scrape, one poll's result) must equal, together,
     # the counts of one of those polls, a recent one; so must the five the exporter serves.
-    _wait_for_usage_series(stack, timeout=30)
+    _wait_for_series(stack, timeout=30)
     at = time.time()
     in_prometheus: dict[tuple[str, str], dict[str, float]] = {}
     for metric in USAGE_METRICS.values():
@@ -297,6 +497,198 @@ def test_usage_series_equal_what_the_api_returned(stack: Stack) -> None:
         assert all(v >= 0 for v in seen) and seen[2] >= seen[3] >= seen[4], (key, seen)
 
 
+# The v3 usage calls' reply fields and the families they become (SPEC §10).
+V3_USAGE_FIELDS: Final = {
+    SESSIONS_PATH: {
+        "sessions_created_count": "devin_usage_sessions",
+        "sessions_created_with_playbook_count": "devin_usage_sessions_with_playbook",
+        "sessions_created_with_search_count": "devin_usage_sessions_with_search",
+        "sessions_with_merged_prs_count": "devin_usage_sessions_with_merged_prs",
+        "avg_acus_per_session": "devin_usage_acus_per_session",
+    },
+    PRS_PATH: {
+        "prs_opened_count": "devin_usage_prs_opened",
+        "prs_closed_count": "devin_usage_prs_closed",
+        "prs_merged_count": "devin_usage_prs_merged",
+        "prs_created_count": "devin_usage_prs_created",
+    },
+    SEARCHES_PATH: {"searches_created_count": "devin_usage_searches"},
+}
+# Fields of the sessions reply that map a key to a count: one series per key, the key a label.
+V3_BY_KEY: Final = {
+    "sessions_created_by_origin": ("devin_usage_sessions_by_origin", "origin"),
+    "sessions_created_by_size": ("devin_usage_sessions_by_size", "size"),
+}
+V3_FAMILIES: Final = {
+    SESSIONS_PATH: (*V3_USAGE_FIELDS[SESSIONS_PATH].values(), *(family for family, _ in V3_BY_KEY.values())),
+    PRS_PATH: tuple(V3_USAGE_FIELDS[PRS_PATH].values()),
+    SEARCHES_PATH: tuple(V3_USAGE_FIELDS[SEARCHES_PATH].values()),
+}
+
+# (family, its own labels such as origin) -> value: one call's worth of one (org set, window)'s series.
+Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@dataclass(frozen=True)
+class V3Poll:
+    """One successful v3 usage call the simulator answered, and the series its reply becomes."""
+
+    path: str
+    org_ids: tuple[str, ...]  # sorted: the reply does not depend on the order
+    user_ids: tuple[str, ...]
+    after: int
+    before: int
+    at: datetime  # the simulator's clock when it arrived
+    series: Series
+
+    def asks(self, spec: OrgSetSpec, window: str) -> bool:
+        """The call is one of this org set's polls of this window."""
+        if (self.org_ids, self.user_ids) != (tuple(sorted(spec.org_ids)), tuple(sorted(spec.user_ids))):
+            return False
+        if window == "billing_cycle":
+            return self.after == billing_cycle(self.at)[0].timestamp()
+        return self.before - self.after == WINDOW_SECONDS[window]
+
+
+def _v3_series(path: str, body: Mapping[str, Any]) -> Series:
+    series: Series = {(family, frozenset()): float(body[field_name])
+                      for field_name, family in V3_USAGE_FIELDS[path].items()}
+    if path == SESSIONS_PATH:
+        for field_name, (family, label) in V3_BY_KEY.items():
+            series |= {(family, frozenset({(label, key)})): float(count) for key, count in body[field_name].items()}
+    return series
+
+
+def _v3_polls(stack: Stack) -> list[V3Poll]:
+    """Every successful v3 usage call, each reply recomputed exactly, as in `_api_polls`."""
+    polls = []
+    for record in http_json("GET", stack.simulator_url + "/-/requests"):
+        path = record["path"]
+        if path not in V3_USAGE_FIELDS or record["status"] != 200:
+            continue
+        query = record["query"]
+        org_ids, user_ids = query.get("org_ids", []), query.get("user_ids", [])
+        after, before = int(query["time_after"][0]), int(query["time_before"][0])
+        at = datetime.fromisoformat(record["time"])
+        if path == SESSIONS_PATH:
+            body = expected_sessions(org_ids, user_ids, after, before, now=at)
+        elif path == PRS_PATH:
+            body = expected_prs(org_ids, user_ids, after, before, now=at)
+        else:
+            assert not user_ids, "searches take no user_ids: a set with user_ids must not ask for them"
+            body = expected_searches(org_ids, after, before, now=at)
+        polls.append(V3Poll(path, tuple(sorted(org_ids)), tuple(sorted(user_ids)), after, before, at,
+                            _v3_series(path, body)))
+    return polls
+
+
+def _v3_usage(stack: Stack, samples: Mapping[str, list[tuple[dict[str, str], float]]]
+              ) -> dict[tuple[str, str], Series]:
+    """(org set, window) -> its usage series, from samples by family (the exporter's or Prometheus'),
+    checking each series' labels: org, window, the set's static labels, and the family's own."""
+    usage: dict[tuple[str, str], Series] = {}
+    own_label = {family: label for family, label in V3_BY_KEY.values()}
+    for families in V3_FAMILIES.values():
+        for family in families:
+            for labels, value in samples.get(family, []):
+                key = (labels["org"], labels["window"])
+                spec = stack.profile.org_sets[key[0]]
+                base = {"org": key[0], "window": key[1], **spec.labels}
+                own = {k: v for k, v in labels.items() if k not in base}
+                assert {k: labels.get(k) for k in base} == base, (family, labels)
+                assert set(own) == ({own_label[family]} if family in own_label else set()), (family, labels)
+                usage.setdefault(key, {})[(family, frozenset(own.items()))] = value
+    return usage
+
+
+@V3_ONLY
+def test_v3_usage_series_equal_what_the_api_returned(stack: Stack) -> None:
+    # As the v2 test: each v3 call (sessions, PRs, searches) answers several families at once; for
+    # every (org set, window) and call, the values Prometheus holds at one instant must equal, together,
+    # one recent poll's reply, recomputed from the simulator's request log; so must the exporter's.
+    _wait_for_series(stack, timeout=30)
+    at = time.time()
+    in_prometheus = _v3_usage(stack, {
+        family: [(dict(_labels(stack, s["metric"])), float(s["value"][1])) for s in stack.prom.query(family, at=at)]
+        for families in V3_FAMILIES.values() for family in families})
+    exporter = _v3_usage(stack, stack.exporter_metrics())
+    polls = _v3_polls(stack)  # fetched last: it holds every poll either value can come from
+
+    assert set(in_prometheus) == set(exporter) == stack.profile.series_keys
+    for (org, window), series in sorted(in_prometheus.items()):
+        spec = stack.profile.org_sets[org]
+        for path, families in V3_FAMILIES.items():
+            seen = {k: v for k, v in series.items() if k[0] in families}
+            served = {k: v for k, v in exporter[(org, window)].items() if k[0] in families}
+            if path == SEARCHES_PATH and spec.user_ids:
+                assert not seen and not served, f"{org}: searches published for a set with user_ids"
+                continue
+            candidates = [p for p in polls if p.path == path and p.asks(spec, window)]
+            assert candidates, f"the simulator saw no successful {path} poll of {(org, window)}"
+            matching = [p.at for p in candidates if p.series == seen]
+            assert matching, (f"Prometheus has {seen} for {(org, window)}, which no {path} poll returned; "
+                              f"the last polls returned {[p.series for p in candidates[-3:]]}")
+            assert max(matching).timestamp() >= at - 30, f"{(org, window)}: Prometheus' {path} values are old"
+            assert served in [p.series for p in candidates], ((org, window), path, served)
+        counts = {family: value for (family, _), value in series.items()}
+        assert (counts["devin_usage_prs_merged"] <= counts["devin_usage_prs_closed"]
+                <= counts["devin_usage_prs_opened"] <= counts["devin_usage_prs_created"]), (org, window, counts)
+
+    # billing_cycle windows send the current cycle's start, from the cycles endpoint, as time_after.
+    spec = stack.profile.org_sets["mobile-oncall"]
+    cycle_polls = [p for p in polls if (p.org_ids, p.user_ids) == (spec.org_ids, spec.user_ids)
+                   and p.before - p.after != WINDOW_SECONDS["24h"]]
+    assert cycle_polls
+    for poll in cycle_polls:
+        assert poll.after == billing_cycle(poll.at)[0].timestamp(), (poll.path, poll.after, poll.before)
+
+
+@V3_ONLY
+def test_v3_organization_series_equal_what_the_api_lists(stack: Stack) -> None:
+    _wait_for_series(stack, timeout=30)
+    served = stack.exporter_metrics()
+    organizations = DEFAULT_ORGANIZATIONS  # what the simulator lists (paged: two per page)
+    limits = {o.org_id: o.max_cycle_acu_limit for o in organizations}
+    expected: dict[str, dict[frozenset[tuple[str, str]], float]] = {
+        "devin_organization_info": {frozenset({("org_id", o.org_id), ("org_name", o.name)}): 1.0
+                                    for o in organizations},
+        "devin_organization_acu_cycle_limit": {frozenset({("org_id", o.org_id)}): float(o.max_cycle_acu_limit)
+                                               for o in organizations if o.max_cycle_acu_limit is not None},
+        "devin_organization_session_acu_limit": {frozenset({("org_id", o.org_id)}): float(o.max_session_acu_limit)
+                                                 for o in organizations if o.max_session_acu_limit is not None},
+        # An org set's limit is its organizations' sum when each has one; the enterprise has none.
+        "devin_acu_cycle_limit": {
+            frozenset({("org", name), *spec.labels.items()}): float(sum(limits[i] or 0 for i in spec.org_ids))
+            for name, spec in stack.profile.org_sets.items()
+            if spec.org_ids and all(limits[i] is not None for i in spec.org_ids)},
+    }
+    start, end = billing_cycle(datetime.now(UTC))
+    expected["devin_billing_cycle_start_timestamp_seconds"] = {frozenset(): start.timestamp()}
+    expected["devin_billing_cycle_end_timestamp_seconds"] = {frozenset(): end.timestamp()}
+    # Both sides of the limit's rule are exercised: sets with and sets without one.
+    with_limit = {dict(labels)["org"] for labels in expected["devin_acu_cycle_limit"]}
+    assert {"mobile-oncall", "Mobile", "Growth"} <= with_limit and not {"enterprise", "platform"} & with_limit
+
+    for name, series in expected.items():
+        assert _in_prometheus(stack, name) == series, name
+        assert _served(served.get(name, [])) == series, name
+
+
+@V3_ONLY
+def test_v3_discovery_polls_every_organization_beside_the_configured_sets(stack: Stack) -> None:
+    assert sorted(DISCOVERED.values()) == sorted(o.org_id for o in DEFAULT_ORGANIZATIONS)
+    _wait_for_series(stack, timeout=30)  # devin_up is 1 for every configured and discovered set
+    # A discovered set carries its organization's id, which joins it to the organization's name.
+    joined = stack.prom.query(
+        'max by (org, org_id, window) (devin_usage_sessions{source="discovery"})'
+        " * on (org_id) group_left (org_name) max by (org_id, org_name) (devin_organization_info)")
+    names = {o.org_id: o.name for o in DEFAULT_ORGANIZATIONS}
+    assert {(s["metric"]["org"], s["metric"]["org_id"], s["metric"]["window"], s["metric"]["org_name"])
+            for s in joined} == {(name, org_id, "24h", names[org_id]) for name, org_id in DISCOVERED.items()}
+    # Configured sets are not discovered ones, though they filter by the same organizations.
+    assert not stack.prom.query('devin_usage_sessions{source!="discovery", org_id!=""}')
+
+
 # ---------------------------------------------------------------------------------- rules
 
 
@@ -325,7 +717,7 @@ def _evaluated_at(rule: dict[str, Any]) -> float:
 
 def test_every_shipped_rule_evaluates_cleanly(stack: Stack) -> None:
     declared = _rules_in_file()
-    _wait_for_usage_series(stack, timeout=30)
+    _wait_for_series(stack, timeout=30)
     since = time.time()
 
     def evaluated_twice_since_data() -> dict[str, dict[str, dict[str, Any]]] | None:
@@ -353,7 +745,7 @@ def test_every_shipped_rule_evaluates_cleanly(stack: Stack) -> None:
             assert result, f"recording rule {name} ({rule['query']}) returned no data"
             assert all(math.isfinite(float(s["value"][1])) for s in result), (name, result)
     ratio = _by_org_window(stack.prom.query("org_window:devin_usage_pr_merge_ratio:ratio"))
-    assert ratio and set(ratio) <= SERIES_KEYS and all(0 <= v <= 1 for v in ratio.values()), ratio
+    assert ratio and set(ratio) <= stack.profile.series_keys and all(0 <= v <= 1 for v in ratio.values()), ratio
 
     if not stack.faulted:
         # A healthy exporter fires nothing (DevinExporterAbsent may be pending for an instant
@@ -376,7 +768,7 @@ def _dashboard_targets(dashboard: dict[str, Any]) -> list[tuple[str, dict[str, A
             for target in panel.get("targets", [])]
 
 
-def test_dashboard_is_importable_as_is(stack: Stack) -> None:
+def test_dashboard_is_importable_as_is() -> None:
     dashboard = _dashboard()
     assert dashboard["id"] is None
     assert dashboard["uid"] == "devin-usage"
@@ -407,7 +799,7 @@ def test_dashboard_is_importable_as_is(stack: Stack) -> None:
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     rows = [p["title"] for p in panels if p["type"] == "row"]
-    assert rows == ["Usage", "Pull requests", "Exporter health"]
+    assert rows == ["Usage", "Pull requests", "Organizations", "Exporter health"]
     for panel in panels:
         if panel["type"] == "row":
             continue
@@ -426,7 +818,7 @@ def test_dashboard_is_importable_as_is(stack: Stack) -> None:
 
 
 def test_dashboard_variables_resolve(stack: Stack) -> None:
-    _wait_for_usage_series(stack, timeout=30)
+    _wait_for_series(stack, timeout=30)
     variables = {v["name"]: v for v in _dashboard()["templating"]["list"]}
 
     def label_values(name: str, org: str = ".+") -> set[str]:
@@ -434,10 +826,11 @@ def test_dashboard_variables_resolve(stack: Stack) -> None:
         params = {} if selector is None else {"match[]": substitute(selector, {"org": org})}
         return set(stack.prom.get(f"/api/v1/label/{label}/values", params))
 
-    assert label_values("org") == set(ORG_SETS)
-    assert label_values("window") == set(WINDOW_SECONDS)
+    org_sets = stack.profile.org_sets
+    assert label_values("org") == set(org_sets)
+    assert label_values("window") == stack.profile.windows
     if "$org" in variable_query(variables["window"]):  # chained: the windows of the chosen org sets
-        assert label_values("window", org="mobile-oncall") == set(ORG_SETS["mobile-oncall"].windows)
+        assert label_values("window", org="mobile-oncall") == set(org_sets["mobile-oncall"].windows)
 
 
 # ---------------------------------------------------------------------------------- failures
@@ -446,6 +839,7 @@ def test_dashboard_variables_resolve(stack: Stack) -> None:
 @dataclass
 class FaultObservations:
     down_in_prometheus: set[str]
+    collectors_down: set[tuple[str, str | None]]  # (collector, org set) with devin_collector_up 0
     pending: dict[str, dict[str, Any]]  # org set -> its DevinExporterDown alert
     exporter_errors: dict[str, float]  # org set -> server_error count the exporter served
 
@@ -457,62 +851,84 @@ def fault_cycle(stack: Stack) -> FaultObservations:
     Runs once per module. Afterwards the error counters exist (so the dashboard's error panels
     have data) and everything is healthy again (so its usage panels have data too).
     """
-    _wait_for_usage_series(stack, timeout=30)
+    org_sets = set(stack.profile.org_sets)
+    _wait_for_series(stack, timeout=30)
     http_json("POST", stack.simulator_url + "/-/faults", {"status": 500})
     stack.faulted = True
     deadline = time.monotonic() + 60
 
     def down() -> set[str] | None:
         orgs = {s["metric"]["org"] for s in stack.prom.query("devin_up == 0")}
-        return orgs if orgs == set(ORG_SETS) else None
+        return orgs if orgs == org_sets else None
 
     down_orgs = wait_until("devin_up 0 in Prometheus for every org set", down,
                            timeout=deadline - time.monotonic(), processes=stack.processes)
 
+    def collectors_down() -> set[tuple[str, str | None]] | None:
+        keys = {(s["metric"]["collector"], s["metric"].get("org"))
+                for s in stack.prom.query("devin_collector_up == 0")}
+        return keys if keys == stack.profile.collector_keys() else None
+
+    down_collectors = wait_until("devin_collector_up 0 in Prometheus for every collector and org set",
+                                 collectors_down, timeout=deadline - time.monotonic(), processes=stack.processes)
+
     def pending() -> dict[str, dict[str, Any]] | None:
         alerts = {a["labels"]["org"]: a for a in stack.prom.get("/api/v1/alerts")["alerts"]
                   if a["labels"]["alertname"] == "DevinExporterDown" and a["state"] == "pending"}
-        return alerts if set(alerts) == set(ORG_SETS) else None
+        return alerts if set(alerts) == org_sets else None
 
     alerts = wait_until("DevinExporterDown pending for every org set", pending,
                         timeout=deadline - time.monotonic(), processes=stack.processes)
 
     def errors_rate() -> bool:
-        # Two scrapes of the error counters, so rate() over them has data.
+        # Two scrapes of the error counters, so rate() over them has data. Enterprise-level
+        # collectors' counters have no org label: they are no org set's.
         result = stack.prom.query(
-            'sum by (org) (rate(devin_exporter_api_errors_total{reason="server_error"}[30s])) > 0')
-        return {s["metric"]["org"] for s in result} == set(ORG_SETS)
+            'sum by (org) (rate(devin_exporter_api_errors_total{reason="server_error", org!=""}[30s])) > 0')
+        return {s["metric"]["org"] for s in result} == org_sets
 
     wait_until("a server_error rate for every org set", errors_rate,
                timeout=deadline - time.monotonic(), processes=stack.processes)
     served = stack.exporter_metrics()
-    exporter_errors = {labels["org"]: value for labels, value in served["devin_exporter_api_errors_total"]
-                       if labels["reason"] == "server_error"}
+    exporter_errors: dict[str, float] = {}
+    for labels, value in served["devin_exporter_api_errors_total"]:
+        if labels["reason"] == "server_error" and "org" in labels:
+            exporter_errors[labels["org"]] = exporter_errors.get(labels["org"], 0.0) + value
 
     http_json("DELETE", stack.simulator_url + "/-/faults")
-    _wait_for_usage_series(stack, timeout=30)
+    _wait_for_series(stack, timeout=30)
     wait_until("DevinExporterDown to leave pending once polls succeed again",
                lambda: not [a for a in stack.prom.get("/api/v1/alerts")["alerts"]
                             if a["labels"]["alertname"] == "DevinExporterDown"],
                timeout=20, processes=stack.processes)
-    return FaultObservations(down_orgs, alerts, exporter_errors)
+    return FaultObservations(down_orgs, down_collectors, alerts, exporter_errors)
 
 
 def test_failing_api_makes_devin_exporter_down_pending(stack: Stack, fault_cycle: FaultObservations) -> None:
-    assert fault_cycle.down_in_prometheus == set(ORG_SETS)
+    org_sets = set(stack.profile.org_sets)
+    assert fault_cycle.down_in_prometheus == org_sets
+    assert fault_cycle.collectors_down == stack.profile.collector_keys()
     for org, alert in fault_cycle.pending.items():
         assert alert["state"] == "pending"  # `for: 15m` keeps it from firing within a test
         assert alert["labels"]["severity"] == "warning"
         assert alert["labels"]["job"] == JOB
         assert org in alert["annotations"]["summary"]
         assert float(alert["value"]) == 0.0
-    assert set(fault_cycle.exporter_errors) == set(ORG_SETS)
+    assert set(fault_cycle.exporter_errors) == org_sets
     assert all(count >= 1 for count in fault_cycle.exporter_errors.values())
+
+
+def _metric_names(text: str) -> set[str]:
+    # Recording rules (`org_window:devin_usage_...:ratio`) have colons around the name; not metrics.
+    return set(re.findall(r"(?<![\w:])devin_[a-z0-9_]+(?![\w:])", text))
 
 
 def test_every_dashboard_query_returns_data(stack: Stack, fault_cycle: FaultObservations) -> None:
     targets = _dashboard_targets(_dashboard())
     assert targets
+    # A panel of a collector the stack does not enable (the organizations panels on the v2 stack)
+    # has nothing to show there, and must show nothing rather than something else.
+    unpublished = stack.profile.unpublished()
     now = time.time()
     empty: list[str] = []
     for title, target in targets:
@@ -520,6 +936,11 @@ def test_every_dashboard_query_returns_data(stack: Stack, fault_cycle: FaultObse
         expr = substitute(target["expr"], DASHBOARD_VARIABLES)
         result = stack.prom.query(expr, at=now)  # asserts status success: the expression parses
         values = [float(s["value"][1]) for s in result]
+        if _metric_names(target["expr"]) & unpublished:
+            assert not result, f"{title} [{target['refId']}] shows data without its collector: {result}"
+            continue
+        if "group_left (org_name)" in target["expr"]:  # an org id's panel: its name is joined in
+            assert all(s["metric"].get("org_name") for s in result), (title, target["refId"], result)
         if not any(math.isfinite(v) for v in values):
             empty.append(f"{title} [{target['refId']}]: {expr} -> {result}")
             continue
@@ -534,14 +955,23 @@ def test_every_dashboard_query_returns_data(stack: Stack, fault_cycle: FaultObse
     reasons = {s["metric"].get("reason") for s in stack.prom.query(substitute(errors, DASHBOARD_VARIABLES))}
     assert "server_error" in reasons
 
+    # The health panels show every collector, the enterprise-level ones (no org label) too.
+    def shown(title: str, ref: str = "A") -> list[dict[str, str]]:
+        expr = next(t["expr"] for panel, t in targets if panel == title and t["refId"] == ref)
+        return [s["metric"] for s in stack.prom.query(substitute(expr, DASHBOARD_VARIABLES), at=now)]
+
+    health = {(m["collector"], m.get("org")) for m in shown("Collector health")}
+    assert health == stack.profile.collector_keys(), health
+    for title in ("API errors by reason", "API requests by status code"):
+        assert {m["collector"] for m in shown(title)} == set(stack.profile.collectors), title
+
 
 def test_every_metric_the_rules_and_dashboard_use_is_exported(
     stack: Stack, fault_cycle: FaultObservations
 ) -> None:
     # A renamed metric would leave a rule healthy but silent and a panel empty; catch it here.
-    text = RULES_FILE.read_text() + DASHBOARD_FILE.read_text()
-    # Recording rules (`org_window:devin_usage_...:ratio`) have colons around the name; not metrics.
-    names = set(re.findall(r"(?<![\w:])devin_[a-z0-9_]+(?![\w:])", text))
+    # (Names of collectors the stack does not enable are exempt; the v3 stack enables every one.)
+    names = _metric_names(RULES_FILE.read_text() + DASHBOARD_FILE.read_text()) - stack.profile.unpublished()
     served = set(stack.exporter_metrics())
     missing = sorted(n for n in names if n not in served and f"{n}_bucket" not in served)
     assert not missing, f"referenced but not exported: {missing}"

@@ -88,9 +88,10 @@ def format_rfc3339(dt: datetime) -> str:
 
 
 def unix_bounds(start: datetime, end: datetime) -> tuple[int, int]:
-    """(time_after, time_before) in whole Unix seconds, exactly the window's length apart."""
-    before = math.floor(end.timestamp())
-    return before - round((end - start).total_seconds()), before
+    """(time_after, time_before): each bound cut to its whole Unix second. A trailing window of whole
+    seconds stays exactly its length apart; a start on a whole second (a billing cycle's, a
+    midnight) is sent as it is, never a second early."""
+    return math.floor(start.timestamp()), math.floor(end.timestamp())
 
 
 @dataclass(frozen=True)
