@@ -5,7 +5,8 @@ that on every scrape would make the exporter cost more than what it watches. So 
 kept as bytes, per content type:
 
 - a *chunk* per org set (and one per org set's API counters): that org set's samples of each
-  family, rendered by prometheus_client's own encoder, so the bytes are exactly its format. A
+  family, rendered by prometheus_client's own encoder, so the bytes are exactly its format (the
+  enterprise-level collectors' results are one more "org set", plan.ENTERPRISE, rendered alike). A
   chunk is reused while what it was rendered from is the same (the config and the snapshot's
   results of that org set, compared by identity; the org set's API stats version) and, for usage
   series, until the earliest time one of them goes stale (the collector's injected clock decides,
