@@ -19,6 +19,7 @@ from helpers import T0, WallClock, labels, make_config
 from v3_support import V2_KEY, V3_TOKEN, Rig, Rigs, Samples
 
 V3_ORG_DAILY: Final = "/v3/enterprise/consumption/daily/organizations/"
+V3_USER_DAILY: Final = "/v3/enterprise/consumption/daily/users/"
 V2_DAILY: Final = "/v2/enterprise/consumption/daily"
 QUEUE: Final = "/v3/enterprise/queue"
 SETS: Final = "- name: growth\n  org_ids: [org-a, org-b]\n"
@@ -35,11 +36,13 @@ class Upstream:
     """A loopback stand-in for the API: each path answers the JSON body set for it, else 404."""
 
     bodies: dict[str, object] = field(default_factory=dict)
-    seen: list[str] = field(default_factory=list)
+    seen: list[str] = field(default_factory=list)  # decoded paths, oldest first
+    queries: list[list[str]] = field(default_factory=list)  # the parameter names of each
     url: str = ""
 
     async def handle(self, request: web.Request) -> web.Response:
         self.seen.append(request.path)
+        self.queries.append(list(request.query))
         if request.path not in self.bodies:
             return web.json_response({"detail": "Not Found"}, status=404)
         return web.json_response(self.bodies[request.path])
@@ -69,9 +72,9 @@ async def rigs(upstream: Upstream) -> AsyncIterator[Rigs]:
 
 
 async def start(rigs: Rigs, upstream: Upstream, collectors: str, *, key: str = V3_TOKEN,
-                clock: WallClock | None = None) -> Rig:
+                clock: WallClock | None = None, org_sets: str = SETS) -> Rig:
     return await rigs.start(clock=clock, build=lambda _simulator: make_config(
-        upstream.url, SETS, key=key, collectors=collectors))
+        upstream.url, org_sets, key=key, collectors=collectors))
 
 
 _SAME: Final = object()
@@ -108,6 +111,28 @@ async def test_v2_acus_sent_as_a_numeric_string_are_published_as_a_number(rigs: 
     assert growth(samples, "devin_consumption_acus") == 120.0
     assert samples["devin_collector_up"] == {labels(collector="consumption", org="growth"): 1.0}
     assert upstream.seen == [V2_DAILY]
+
+
+# Ids with characters that mean something in a URL: a query, a fragment, a path separator.
+ODD_IDS: Final = ("user-1?x=1", "user-2#top", "team/user-3")
+
+
+@pytest.mark.parametrize("version", ["v3", "v2"])
+async def test_each_user_is_asked_by_its_own_id_whatever_characters_it_holds(
+    rigs: Rigs, upstream: Upstream, version: str
+) -> None:
+    prefix = V3_USER_DAILY if version == "v3" else V2_DAILY + "/"
+    no_days: object = [] if version == "v3" else {}
+    # user-1 and user-2 exist too: asking them instead would be a number for someone else.
+    upstream.bodies = {prefix + ident: {"total_acus": acus, "consumption_by_date": no_days}
+                       for ident, acus in zip((*ODD_IDS, "user-1", "user-2"), (1, 2, 4, 100, 200), strict=True)}
+    rig = await start(rigs, upstream, ONLY_CONSUMPTION.replace("queue: {enabled: false}, ", "")
+                      if version == "v2" else ONLY_CONSUMPTION, key=V3_TOKEN if version == "v3" else V2_KEY,
+                      org_sets=f"- name: people\n  user_ids: {list(ODD_IDS)}\n")
+    assert sorted(upstream.seen) == sorted(prefix + ident for ident in ODD_IDS)
+    assert all("x" not in query for query in upstream.queries)
+    samples = await rig.samples()
+    assert samples["devin_consumption_acus"] == {labels(org="people", window="7d"): 7.0}
 
 
 NOT_NUMBERS: Final = [
