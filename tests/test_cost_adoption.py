@@ -111,6 +111,22 @@ def owner(rig: Rig, *, org_id: str | None = None, user_id: str | None = None) ->
     return found
 
 
+def owner_of_path(rig: Rig, path: str) -> OrgSet:
+    """The set a v3 consumption request is for, by its path."""
+    ident = path.rsplit("/", 1)[1]
+    if path.startswith(V3_ORG_DAILY):
+        return owner(rig, org_id=ident)
+    if path.startswith(V3_USER_DAILY):
+        return owner(rig, user_id=ident)
+    assert path == V3_DAILY, path
+    return owner(rig)
+
+
+def window_of_request(request: RecordedRequest) -> str:
+    after, before = v3_bounds(request)
+    return window_named(datetime.fromtimestamp(after, UTC), datetime.fromtimestamp(before, UTC))
+
+
 def v3_bounds(request: RecordedRequest) -> tuple[int, int]:
     (after,), (before,) = request.query["time_after"], request.query["time_before"]
     return int(after), int(before)
@@ -125,15 +141,11 @@ def expected_v3_consumption(rig: Rig) -> tuple[dict[Key, float], Counter[tuple[s
     for request in rig.requests(V3_DAILY):
         after, before = v3_bounds(request)
         assert set(request.query) == {"time_after", "time_before"}, "per-id paths carry the filter, nothing else"
+        org_set, window = owner_of_path(rig, request.path), window_of_request(request)
         ident = request.path.rsplit("/", 1)[1]
-        if request.path.startswith(V3_ORG_DAILY):
-            org_set, body = owner(rig, org_id=ident), expected_consumption_v3(after, before, now=T0, org_id=ident)
-        elif request.path.startswith(V3_USER_DAILY):
-            org_set, body = owner(rig, user_id=ident), expected_consumption_v3(after, before, now=T0, user_id=ident)
-        else:
-            assert request.path == V3_DAILY, request.path
-            org_set, body = owner(rig), expected_consumption_v3(after, before, now=T0)
-        window = window_named(datetime.fromtimestamp(after, UTC), datetime.fromtimestamp(before, UTC))
+        body = expected_consumption_v3(after, before, now=T0,
+                                       org_id=ident if request.path.startswith(V3_ORG_DAILY) else None,
+                                       user_id=ident if request.path.startswith(V3_USER_DAILY) else None)
         asked[org_set.name, window] += 1
         total = float(body["total_acus"])  # type: ignore[arg-type]
         totals["devin_consumption_acus", scope(org_set, window)] += total
@@ -172,6 +184,16 @@ async def test_v3_consumption_is_what_the_simulator_served_summed_over_each_sets
     windows = ("today", "7d", "30d", "billing_cycle")
     assert asked == Counter({(name, w): n for name, n in (("enterprise", 1), ("platform", 3), ("growth", 1),
                                                           ("people", 2)) for w in windows})
+    # ... each of its own organizations or users once.
+    for org_set in rig.config.org_sets:
+        if org_set.org_ids and org_set.user_ids:
+            continue
+        want = Counter([V3_ORG_DAILY + o for o in org_set.org_ids] + [V3_USER_DAILY + u for u in org_set.user_ids]
+                       or [V3_DAILY])
+        for window in windows:
+            got = Counter(r.path for r in rig.requests(V3_DAILY)
+                          if owner_of_path(rig, r.path) == org_set and window_of_request(r) == window)
+            assert got == want, (org_set.name, window)
     # Not degenerate: a summed set's value is more than any one of its organizations' or users',
     # and every window of every set differs.
     for key, values in parts.items():
@@ -238,6 +260,12 @@ async def test_v2_consumption_sends_org_ids_in_one_request_and_sums_a_request_pe
     windows = ("today", "7d", "30d", "billing_cycle")
     assert asked == Counter({(name, w): n for name, n in (("enterprise", 1), ("platform", 1), ("growth", 1),
                                                           ("people", 2)) for w in windows})
+    # Each user of the set once per window.
+    for window in ("today", "7d", "30d", "billing_cycle"):
+        users = Counter(r.path for r in rig.requests(V2_DAILY + "/") if r.query["start_date"][0] == {
+            "today": "2026-11-24T08:00:00Z", "7d": "2026-11-17T17:55:00Z", "30d": "2026-10-25T17:55:00Z",
+            "billing_cycle": "2026-11-05T08:00:00Z"}[window])
+        assert users == Counter({V2_DAILY + "/user-1": 1, V2_DAILY + "/user-2": 1}), window
     assert consumption_of(samples) == pytest.approx(dict(expected), abs=1e-6)
     assert len(set(expected.values())) == 16
     # v2 has no split by product.
