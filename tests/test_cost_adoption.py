@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 import pytest
-from helpers import KEY, T0, Labels, WallClock, labels, run_cli, subprocess_env
+from helpers import KEY, T0, Labels, WallClock, labels, make_config, run_cli, subprocess_env, wait_until
 from v3_support import V3_TOKEN, Rig, Rigs, Samples, series
 
 from exporter.config import OrgSet
@@ -392,6 +392,29 @@ async def test_min_sessions_and_min_searches_reach_the_request_and_change_the_co
         assert strict[key] <= default[key] < zero[key], key
         if where["org"] in ("enterprise", "platform") and where["window"] != "1h":
             assert strict[key] < default[key], key
+
+
+async def test_a_reload_that_changes_the_thresholds_asks_again_with_the_new_ones(rigs: Rigs) -> None:
+    rig, default = await active_users_rig(rigs)
+    asked = len(rig.requests(ACTIVE_USERS))
+    strict = ONLY_ACTIVE_USERS[:-1] + ", active_users: {min_sessions: 10, min_searches: 10}}"
+    assert await rig.exporter.reload(lambda: make_config(rig.sim_url, SETS, collectors=strict, key=V3_TOKEN,
+                                                         windows="[1h, 7d, 30d]", delay="5m", zone=ZONE))
+    await wait_until(lambda: len(rig.requests(ACTIVE_USERS)) == 2 * asked and rig.polled(),
+                     what="every active users schedule polled again")
+    again = rig.requests(ACTIVE_USERS)[asked:]
+    assert {(r.query["min_sessions"][0], r.query["min_searches"][0]) for r in again} == {("10", "10")}
+    published = series(await rig.samples(), "devin_usage_active_users")
+    assert published.keys() == default.keys()
+    for key, value in published.items():
+        lbls = dict(key[1])
+        request = next(r for r in again if tuple(r.query.get("org_ids", ())) == rig.org_set(lbls["org"]).org_ids
+                       and window_of_request(r) == lbls["window"])
+        body = expected_active_users(request.query.get("org_ids", []), *v3_bounds(request), now=T0,
+                                     min_sessions=10, min_searches=10)
+        assert value == body["active_users"], key
+    week = ("devin_usage_active_users", labels(org="enterprise", window="7d"))
+    assert published[week] < default[week]
 
 
 # --------------------------------------------------------------------------------------------
