@@ -335,6 +335,45 @@ async def test_billing_cycle_consumption_sends_the_current_cycle_from_the_cycles
         labels(org="growth", window="billing_cycle"): served["total_acus"]}
 
 
+@pytest.mark.parametrize("version", ["v3", "v2"])
+async def test_billing_cycle_windows_just_after_a_new_cycle_begins_ask_an_empty_window_not_a_reversed_one(
+    rigs: Rigs, version: Literal["v3", "v2"]
+) -> None:
+    # Two minutes into December's cycle, with a five-minute delay: the settled part of the
+    # cycle (up to now - delay) is still empty.
+    new_start = datetime(2026, 12, 5, 8, tzinfo=UTC)
+    clock = WallClock(new_start + timedelta(minutes=2))
+    assert current_cycle_start(version, clock.now) == new_start
+    rig = await rigs.start("- name: growth\n  org_ids: [org-456]\n", version=version, clock=clock, delay="5m",
+                           windows="[billing_cycle]", collectors="{queue: {enabled: false}, "
+                           "consumption: {windows: [billing_cycle]}}" if version == "v3" else (
+                               "{consumption: {windows: [billing_cycle]}}"))
+    bounded = [r for r in rig.requests() if "/consumption/daily" in r.path or "/metrics/" in r.path]
+    assert bounded and {r.status for r in bounded} == {200}
+    samples = await rig.samples()
+    assert set(samples["devin_collector_up"].values()) == {1.0}
+    assert samples["devin_consumption_acus"] == {labels(org="growth", window="billing_cycle"): 0.0}
+    settled = clock.now - DELAY
+    for request in bounded:
+        if version == "v3":
+            assert v3_bounds(request) == (unix(settled), unix(settled)), request
+        elif request.path == V2_DAILY:
+            assert request.query["start_date"] == request.query["end_date"] == ["2026-12-05T07:57:00Z"]
+
+    # Once the delay has passed, the window is the new cycle so far.
+    clock.now = new_start + timedelta(minutes=20)
+    assert await rig.poll("consumption", "growth") == [True]
+    latest = rig.requests(V3_ORG_DAILY if version == "v3" else V2_DAILY)[-1]
+    served = (expected_consumption_v3(unix(new_start), unix(clock.now - DELAY), now=clock.now, org_id="org-456")
+              if version == "v3" else expected_consumption_v2(["org-456"], new_start, clock.now - DELAY,
+                                                               now=clock.now))
+    assert (latest.query.get("time_after") or latest.query["start_date"]) in (
+        [str(unix(new_start))], ["2026-12-05T08:00:00Z"])
+    assert (await rig.samples())["devin_consumption_acus"] == {
+        labels(org="growth", window="billing_cycle"): served["total_acus"]}
+    assert float(served["total_acus"]) > 0  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------------------------------------
 # Active users
 
