@@ -216,7 +216,10 @@ class Poller:
             start, end = window.bounds(now, key.delay, ZoneInfo(key.timezone))
             if window.kind == "billing_cycle" and key.version in COLLECTORS[key.collector].cycle_bounds:
                 cycle_start = await self.cycle.start(key.version)
-                start, end = datetime.fromtimestamp(cycle_start, tz=UTC), now - timedelta(seconds=key.delay)
+                end = now - timedelta(seconds=key.delay)
+                # For `delay` after a cycle begins none of it is settled yet: ask for an empty
+                # window, not one that ends before it starts (which the API rejects with a 422).
+                start = min(datetime.fromtimestamp(cycle_start, tz=UTC), end)
         return Query(key.org_ids, key.user_ids, start, end, key.options)
 
     async def poll(self, key: ScheduleKey) -> bool:

@@ -28,12 +28,13 @@ from v3_support import Rigs
 
 GOLDEN: Final = Path(__file__).parent / "golden"
 VOLATILE: Final = ("process_", "python_", "devin_exporter_api_request_duration_seconds", "devin_exporter_build_info")
-ONLY: Final = {  # every other collector off, so a collector added later leaves these files alone
-    "usage": "{organizations: {enabled: false}, active_users: {enabled: false}, consumption: {enabled: false}, "
-             "queue: {enabled: false}}",
-    "organizations": "{usage: {enabled: false}, active_users: {enabled: false}, consumption: {enabled: false}, "
-                     "queue: {enabled: false}}",
-}
+COLLECTORS: Final = ("usage", "organizations", "active_users", "consumption", "queue")
+# Every other collector off, so a collector added later leaves these files alone.
+ONLY: Final = {name: "{" + ", ".join(f"{other}: {{enabled: false}}" for other in COLLECTORS if other != name) + "}"
+               for name in COLLECTORS}
+# Each collector on each API version it has.
+CASES: Final = (("usage", "v3"), ("usage", "v2"), ("organizations", "v3"), ("organizations", "v2"),
+                ("consumption", "v3"), ("consumption", "v2"), ("active_users", "v3"), ("queue", "v3"))
 # The three shapes of an org set: the whole enterprise; organizations with static labels (both
 # have a cycle limit); an organization with users, over calendar windows and the billing cycle.
 SETS: Final = """
@@ -102,8 +103,7 @@ def drift(want: dict[str, Family], got: dict[str, Family]) -> list[str]:
     return lines
 
 
-@pytest.mark.parametrize("version", ["v3", "v2"])
-@pytest.mark.parametrize("collector", ["usage", "organizations"])
+@pytest.mark.parametrize(("collector", "version"), CASES, ids=[f"{c}_{v}" for c, v in CASES])
 async def test_exposition_matches_its_golden_file(rigs: Rigs, collector: str, version: str) -> None:
     rig = await rigs.start(SETS, version="v3" if version == "v3" else "v2", collectors=ONLY[collector],
                            windows="[1h, 7d]", zone="America/Los_Angeles")
@@ -131,3 +131,39 @@ def test_the_comparison_sees_a_changed_value_a_changed_label_and_a_missing_serie
     assert not any(name.startswith(VOLATILE) for name in parsed(golden))
     assert {"devin_up", "devin_collector_up", "devin_exporter_api_requests", "devin_exporter_api_info",
             "devin_usage_sessions_by_origin"} <= parsed(golden).keys()
+
+
+def golden_samples(name: str) -> dict[str, dict[Labels, float]]:
+    out: dict[str, dict[Labels, float]] = {}
+    for _, _, samples in parsed((GOLDEN / name).read_text()).values():
+        for (sample, lbls), value in samples.items():
+            out.setdefault(sample, {})[lbls] = value
+    return out
+
+
+def test_the_captured_cost_and_adoption_files_agree_with_themselves() -> None:
+    """What reading the files by eye checks, so a file regenerated from a broken build cannot pass
+    review unnoticed: the products of each set and window add up to its total, and v2 and v3 (the
+    same simulated enterprise) publish the same totals; the queue's state set has one 1, the status
+    its size means."""
+    v3, v2 = golden_samples("consumption_v3.prom"), golden_samples("consumption_v2.prom")
+    totals = v3["devin_consumption_acus"]
+    assert totals.keys() == v2["devin_consumption_acus"].keys()
+    assert {dict(lbls)["org"] for lbls in totals} == {"enterprise", "platform", "payments"}  # not oncall
+    for lbls, total in totals.items():
+        assert v2["devin_consumption_acus"][lbls] == pytest.approx(total, abs=1e-6)
+        products = {dict(p)["product"]: v for p, v in v3["devin_consumption_acus_by_product"].items()
+                    if p - {("product", dict(p)["product"])} == lbls}
+        assert sorted(products) == ["cascade", "devin", "review", "terminal"], lbls
+        assert sum(products.values()) == pytest.approx(total, abs=1e-6), lbls
+        assert total > 0
+    assert "devin_consumption_acus_by_product" not in v2
+
+    active = golden_samples("active_users_v3.prom")["devin_usage_active_users"]
+    assert {dict(lbls)["org"] for lbls in active} == {"enterprise", "platform", "payments"}  # not oncall
+
+    queue = golden_samples("queue_v3.prom")
+    (size,) = queue["devin_queue_size"].values()
+    statuses = {dict(lbls)["status"]: v for lbls, v in queue["devin_queue_status"].items()}
+    current = "normal" if size <= 10 else "elevated" if size <= 50 else "high"
+    assert statuses == {s: 1.0 if s == current else 0.0 for s in ("normal", "elevated", "high")}

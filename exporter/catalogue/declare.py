@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Generic, Literal, Protocol, TypeVar
+from urllib.parse import quote
 
 from exporter.config import OrgSet
 from exporter.transport import Request
@@ -136,8 +137,9 @@ class Endpoint(Generic[R]):
         if self.options:
             params.extend(query.options)
         ids = getattr(query, self.per) if self.per is not None else (None,)
-        return [Request(self.path.replace("{id}", ident) if ident is not None else self.path, tuple(params),
-                        org_set, collector, permission)
+        # One path segment per id: a `?`, `#` or `/` in it must not ask another resource.
+        return [Request(self.path.replace("{id}", quote(ident, safe="")) if ident is not None else self.path,
+                        tuple(params), org_set, collector, permission)
                 for ident in dict.fromkeys(ids)]  # an id listed twice counts once
 
 
