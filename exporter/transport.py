@@ -88,7 +88,7 @@ class Request:
     """One GET to the API, as an endpoint declaration built it; the transport adds only the base URL
     and the credential."""
 
-    path: str  # "/v3/enterprise/metrics/sessions", path parameters already filled in
+    path: str  # the upstream path from the endpoint declaration, path parameters already filled in
     params: tuple[tuple[str, str], ...] = ()  # pairs, so arrays repeat as FastAPI expects
     org_set: str | None = None  # who asks, for the API counters and logs; None: the enterprise
     collector: str = "usage"

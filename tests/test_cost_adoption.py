@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final, Literal
 
 import pytest
 from helpers import KEY, T0, Labels, WallClock, labels, make_config, run_cli, subprocess_env, wait_until
-from v3_support import V3_TOKEN, Rig, Rigs, Samples, series
+from v3_support import V3_TOKEN, Rig, Rigs, Samples, series, unix
 
 from exporter.config import OrgSet
 from exporter.simulator import (
@@ -78,16 +77,6 @@ TODAY: Final = datetime(2026, 11, 24, 8, tzinfo=UTC)
 LENGTHS: Final = {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
 
 Key = tuple[str, Labels]
-
-
-@pytest.fixture
-async def rigs() -> AsyncIterator[Rigs]:
-    async with Rigs() as started:
-        yield started
-
-
-def unix(t: datetime) -> int:
-    return int(t.timestamp())
 
 
 def window_named(start: datetime, end: datetime) -> str:

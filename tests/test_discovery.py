@@ -6,7 +6,6 @@ The simulator's organization list is changed as an operator would change theirs 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Final, Literal
 
 import pytest
@@ -35,12 +34,6 @@ CONFIGURED: Final = """
 - name: team-a
   org_ids: [org-a, org-ops]
 """
-
-
-@pytest.fixture
-async def rigs() -> AsyncIterator[Rigs]:
-    async with Rigs() as started:
-        yield started
 
 
 def discovered(rig: Rig) -> dict[str, tuple[str, ...]]:

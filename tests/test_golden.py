@@ -17,7 +17,6 @@ variable set never passes silently. Read `git diff tests/golden` line by line be
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
 
@@ -51,12 +50,6 @@ SETS: Final = """
 """
 
 Family = tuple[str, str, dict[tuple[str, Labels], float]]  # type, help, samples
-
-
-@pytest.fixture
-async def rigs() -> AsyncIterator[Rigs]:
-    async with Rigs() as started:
-        yield started
 
 
 def stable_text(exposition: str) -> str:

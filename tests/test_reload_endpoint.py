@@ -6,7 +6,6 @@ operator (or a config-reloader sidecar) would.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
 
@@ -33,12 +32,6 @@ LIFECYCLE: Final = "enable_lifecycle: true"
 PASSWORD: Final = "reload me, please"
 # Cost 4 keeps the test fast; the hash is what a web config file holds.
 HASH: Final = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
-
-
-@pytest.fixture
-async def rigs() -> AsyncIterator[Rigs]:
-    async with Rigs() as started:
-        yield started
 
 
 class ConfigFile:

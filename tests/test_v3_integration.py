@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Final
 from zoneinfo import ZoneInfo
 
 import pytest
 from helpers import T0, Labels, WallClock, labels
-from v3_support import V3_TOKEN, Rig, Rigs, Samples, series
+from v3_support import V3_TOKEN, Rig, Rigs, Samples, series, unix
 
 from exporter import __version__
 from exporter.config import OrgSet
@@ -92,16 +92,6 @@ CALENDAR_STARTS: Final = {"today": datetime(2026, 11, 24, 8, tzinfo=UTC),
 CYCLE: Final = (datetime(2026, 11, 5, 8, tzinfo=UTC), datetime(2026, 12, 5, 8, tzinfo=UTC))
 
 Key = tuple[str, Labels]
-
-
-@pytest.fixture
-async def rigs() -> AsyncIterator[Rigs]:
-    async with Rigs() as started:
-        yield started
-
-
-def unix(t: datetime) -> int:
-    return int(t.timestamp())
 
 
 def current_cycle_v3(now: datetime) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import TracebackType
 from typing import Final, Literal, Unpack
 
@@ -176,3 +177,8 @@ def series(samples: Samples, prefix: str, *, exclude: Sequence[str] = ()) -> dic
 def of_org(samples: Samples, org: str) -> dict[tuple[str, Labels], float]:
     """Every sample labelled org=`org`, of any family."""
     return {(name, lbls): v for name, values in samples.items() for lbls, v in values.items() if ("org", org) in lbls}
+
+
+def unix(t: datetime) -> int:
+    """Whole Unix seconds, as v3 time bounds are sent."""
+    return int(t.timestamp())
