@@ -17,10 +17,11 @@ from aioresponses import CallbackResult, aioresponses
 from yarl import URL
 
 from exporter import paging
+from exporter.catalogue import CATALOGUE
 from exporter.catalogue.declare import DeclarationError, Point, Query
 from exporter.catalogue.organizations import ORGANIZATIONS, V2_ORGANIZATIONS, V3_CYCLES, V3_ORGANIZATIONS
 from exporter.catalogue.usage import USAGE, V3_PRS, V3_SEARCHES, V3_SESSIONS
-from exporter.config import ApiSettings, OrgSet
+from exporter.config import COLLECTOR_NAMES, V3_ONLY_COLLECTORS, ApiSettings, OrgSet
 from exporter.fetch import call_endpoint, fetch_points
 from exporter.secret import ApiKey
 from exporter.transport import ApiError, ErrorReason, Transport, new_session
@@ -280,3 +281,9 @@ def test_a_point_that_does_not_fit_its_family_is_loud() -> None:
     with pytest.raises(DeclarationError):
         ORGANIZATIONS.check([Point("devin_nonexistent", 1)])
     USAGE.check([Point("devin_usage_some_extra_field", 1)])  # v2 extras are declared by prefix
+
+
+def test_the_config_calls_v3_only_exactly_the_collectors_the_catalogue_declares_no_v2_calls_for() -> None:
+    # The config (which may not import the catalogue) keeps its own list for its v2 rules.
+    assert {c.name for c in CATALOGUE if "v2" not in c.calls} == V3_ONLY_COLLECTORS
+    assert {c.name for c in CATALOGUE} == set(COLLECTOR_NAMES)

@@ -31,4 +31,4 @@ ACTIVE_USERS_COLLECTOR: Final = Collector(
     (Family(ACTIVE_USERS, "Distinct users with at least min_sessions sessions or min_searches searches in the "
             "trailing window (v3 only)"),),
     {"v3": ((V3_ACTIVE_USERS,),)}, permission="ViewAccountMetrics",
-    options=("min_sessions", "min_searches"), v3_only=True)
+    options=("min_sessions", "min_searches"))

@@ -20,7 +20,6 @@ from exporter.config import OrgSet
 from exporter.transport import Request
 
 Version = Literal["v2", "v3"]
-VERSIONS: Final[tuple[Version, ...]] = ("v3", "v2")
 Bounds = Literal["rfc3339", "unix", "none"]
 Paging = Literal["cursor", "skip_limit"]
 Scope = Literal["org_set", "enterprise"]
@@ -166,7 +165,6 @@ class Collector:
     extra_prefix: str | None = None  # undeclared `<prefix><field>` families are allowed (v2 usage extras)
     derived: tuple[Derived, ...] = ()  # enterprise collectors: families per org set, from their points
     options: tuple[str, ...] = ()  # collector settings sent as query parameters (min_sessions, …)
-    v3_only: bool = False
     by_name: Mapping[str, Family] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -176,9 +174,6 @@ class Collector:
                 assert endpoint.version == version, f"{endpoint.path} declared under {version}"
                 unknown = set(endpoint.families) - set(self.by_name)
                 assert not unknown, f"{endpoint.path} feeds undeclared families {unknown}"
-
-    def versions(self) -> tuple[Version, ...]:
-        return tuple(v for v in VERSIONS if v in self.calls)
 
     def plan(self, version: Version, org_set: Filtered | None) -> tuple[AnyEndpoint, ...]:
         """The endpoint each call asks for this set, leaving out calls that cannot answer for it."""

@@ -119,7 +119,3 @@ def organizations(points: Iterable[Point]) -> list[tuple[str, str]]:
     """(org_id, name) of every organization the latest organizations poll listed."""
     return [(labels["org_id"], labels["org_name"]) for labels in
             (dict(p.labels) for p in points if p.family == INFO)]
-
-
-def cycle_start(points: Iterable[Point]) -> float | None:
-    return next((p.value for p in points if p.family == CYCLE_START), None)

@@ -45,4 +45,4 @@ QUEUE: Final = Collector(
     (Family(SIZE, "Devin sessions queued in the enterprise (statuses new, resuming, claimed)"),
      Family(STATUS, "1 for the queue's current status (normal <= 10, elevated 11-50, high > 50 queued), "
             "0 for the others", ("status",))),
-    {"v3": ((V3_QUEUE,),)}, permission="ViewAccountMetrics", windowed=False, v3_only=True)
+    {"v3": ((V3_QUEUE,),)}, permission="ViewAccountMetrics", windowed=False)
