@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 from exporter.catalogue.declare import AnyEndpoint, Collector, Filtered, Point, Query, Version, sum_points
 from exporter.paging import fetch_all
 from exporter.transport import ApiError, Transport
+
+T = TypeVar("T")
 
 
 async def fetch_points(transport: Transport, collector: Collector, version: Version, org_set: str | None,
@@ -18,8 +21,7 @@ async def fetch_points(transport: Transport, collector: Collector, version: Vers
     are in flight. A failure of one fails the poll: a schedule publishes all its families or none.
     """
     plan = collector.plan(version, filters)
-    results = await asyncio.gather(*(call_endpoint(transport, collector, e, org_set, query) for e in plan),
-                                   return_exceptions=True)
+    results = await _together([call_endpoint(transport, collector, e, org_set, query) for e in plan])
     points: list[Point] = []
     failure: BaseException | None = None
     for result in results:
@@ -50,5 +52,25 @@ async def call_endpoint(transport: Transport, collector: Collector, endpoint: An
 
     if len(requests) == 1:
         return await one(0)
-    parts = await asyncio.gather(*(one(i) for i in range(len(requests))))
-    return sum_points(p for part in parts for p in part)
+    parts = await _together([one(i) for i in range(len(requests))])
+    for part in parts:
+        if isinstance(part, BaseException):
+            raise part
+    return sum_points(p for part in parts if not isinstance(part, BaseException) for p in part)
+
+
+async def _together(calls: list[Coroutine[Any, Any, T]]) -> list[T | BaseException]:
+    """Run the calls concurrently, each result or exception in order.
+
+    A single call runs in the caller's task; more get tasks named after the caller ("poll
+    usage/team/7d call 2"), so a task count can tell a poll's parts from anything that leaks.
+    """
+    if len(calls) == 1:
+        try:
+            return [await calls[0]]
+        except Exception as error:  # handed back, as gather(return_exceptions=True) would
+            return [error]
+    current = asyncio.current_task()
+    parent = current.get_name() if current is not None else "fetch"
+    tasks = [asyncio.create_task(call, name=f"{parent} call {i}") for i, call in enumerate(calls)]
+    return list(await asyncio.gather(*tasks, return_exceptions=True))
