@@ -1004,7 +1004,7 @@ def test_prometheus_rule_embeds_the_rules_file_with_thresholds_overridden(all_en
     assert rule["spec"]["groups"] == expected
     exprs = {r["record"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"] if "record" in r}
     assert exprs["devin:threshold:merge_rate_drop_ratio"] == "vector(0.3)"
-    assert exprs["devin:threshold:merge_rate_min_prs_opened"] == "vector(20)"
+    assert exprs["devin:threshold:merge_rate_min_prs_opened_24h"] == "vector(20)"
     assert exprs["devin:threshold:data_stale_intervals"] == "vector(3)"  # not overridden: the file's
 
 
