@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -385,3 +386,31 @@ async def test_a_terminal_run_draws_the_bar_and_prints_left_out_points_above_it(
     assert result.code == 1
     assert "1/1" in result.stderr and "left out: org set 'enterprise'" in result.stderr
     assert result.output == "# EOF\n"  # nothing to write is still a valid, empty exposition
+
+
+# --- the README and the benchmark ------------------------------------------------------------------
+
+
+def test_the_readme_backfill_commands_are_flags_the_command_takes() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("\n## Backfilling history\n"):]
+    section = section[:section.index("\n## ", 1)]
+    blocks = [block.replace("\\\n", " ") for block in re.findall(r"```sh\n(.*?)```", section, re.DOTALL)]
+    commands = [shlex.split(line) for block in blocks for line in block.splitlines()
+                if line.startswith("devin-usage-exporter")]
+    assert len(commands) == 2
+    for command in commands:
+        assert command[:2] == ["devin-usage-exporter", "backfill"]
+        build_parser().parse_args(command[2:])
+    assert "promtool tsdb create-blocks-from openmetrics history.om ./blocks" in section
+
+
+def test_the_backfill_benchmark_runs_and_prints_its_figures() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "backfill.py"), "--smoke"], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("# backfill: N=2")
+    header = [c.strip() for c in lines[1].strip("|").split("|")]
+    row = dict(zip(header, (c.strip() for c in lines[3].strip("|").split("|")), strict=True))
+    assert row["days"] == "1" and row["points"] == "16" and float(row["peak_rss_mb"]) > 10
