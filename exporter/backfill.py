@@ -451,6 +451,10 @@ def main(argv: Sequence[str], *, stdout: TextIO | None = None, stderr: TextIO | 
     except (KeyboardInterrupt, asyncio.CancelledError):
         err.write(f"\n{PROG}: interrupted; no output written\n")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `backfill ... | head`: the reader left; say so once, not with a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # the interpreter's final flush must not fail too
+        err.write(f"{PROG}: stdout was closed before the output was written\n")
+        return 1
 
 
 async def _interruptible(run: Awaitable[int]) -> int:
