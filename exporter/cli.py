@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="devin-usage-exporter",
         description="Prometheus exporter for Devin enterprise usage metrics. "
+        "`devin-usage-exporter backfill --help` writes past history for Prometheus; "
         "`devin-usage-exporter simulate --help` runs the API simulator alone.",
     )
     parser.add_argument("--config", metavar="FILE",
@@ -77,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from exporter.simulator import main as simulate  # the simulator is a dev tool; load on demand
 
         return simulate(args_list[1:])
+    if args_list[:1] == ["backfill"]:
+        from exporter.backfill import main as backfill  # its progress bar library loads only here
+
+        return backfill(args_list[1:])
     args = build_parser().parse_args(args_list)  # bad flags: argparse prints usage, exits 2
     if args.version:
         print(f"devin-usage-exporter {__version__}")

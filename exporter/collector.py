@@ -18,8 +18,8 @@ from prometheus_client.registry import Collector
 from exporter import __version__
 from exporter.catalogue import CATALOGUE, COLLECTORS, all_families
 from exporter.catalogue.declare import Derived, Family, Point
-from exporter.config import IDENTIFIER_RE, OrgSet
-from exporter.plan import plan_of
+from exporter.config import IDENTIFIER_RE, Config, OrgSet
+from exporter.plan import ScheduleKey, plan_of
 from exporter.selfmetrics import SELF
 from exporter.snapshot import ENTERPRISE, Snapshot
 from exporter.transport import Attempt, ErrorReason
@@ -36,6 +36,35 @@ def _seconds(value: float) -> str:
         if value >= size and value % size == 0:
             return f"{int(value // size)}{unit}"
     return f"{value:g}s"
+
+
+def family_help(config: Config, collector: str, family: Family) -> str:
+    """The HELP text of a collector's family: its declared text and how often it is refreshed."""
+    interval = _seconds(config.collector(collector).interval)
+    return (f"{family.help}; refreshed by a background poller every {interval} by default (per-window "
+            "intervals may differ), not at scrape time")
+
+
+def extra_family(name: str) -> Family | None:
+    """The family of a numeric field the v2 usage API added beyond the documented five (a point of an
+    undeclared `devin_usage_<field>`); None when the name is not one to publish."""
+    field_name = name.removeprefix("devin_usage_")
+    if not IDENTIFIER_RE.fullmatch(field_name) or name in _RESERVED_NAMES:
+        return None
+    return Family(name, f"Undocumented usage API field {field_name} in the trailing window")
+
+
+def series_labels(org_set: OrgSet | None, key: ScheduleKey,
+                  points: Iterable[Point]) -> Iterator[tuple[Point, dict[str, str]]]:
+    """Each point of a schedule's result with the labels of its series: the org set's `org`, the
+    window, the point's own labels, then the set's static labels (none for enterprise collectors)."""
+    if org_set is None:
+        for point in points:
+            yield point, dict(point.labels)
+        return
+    scope = {"org": org_set.name, **({"window": key.window.name} if key.window is not None else {})}
+    for point in points:
+        yield point, {**scope, **dict(point.labels), **dict(org_set.labels)}
 
 
 @dataclass
@@ -148,10 +177,8 @@ class ExporterCollector(Collector):
         horizon = math.inf
         families: dict[str, Metric] = {}
         for collector in CATALOGUE:
-            tail = (f"; refreshed by a background poller every {_seconds(config.collector(collector.name).interval)} "
-                    "by default (per-window intervals may differ), not at scrape time")
             for declared in (*collector.families, *(d.family for d in collector.derived)):
-                families[declared.name] = Metric(declared.name, declared.help + tail, "gauge")
+                families[declared.name] = Metric(declared.name, family_help(config, collector.name, declared), "gauge")
         for owner in owners:
             results = snap.of(owner)
             org_set = sets.get(owner)
@@ -167,16 +194,10 @@ class ExporterCollector(Collector):
                 if now > stale_at:
                     continue  # stale: the health series stay so alerts can fire
                 horizon = min(horizon, stale_at)
-                scope: dict[str, str] = {}
-                if org_set is not None:
-                    scope["org"] = org_set.name
-                    if key.window is not None:
-                        scope["window"] = key.window.name
-                static = dict(org_set.labels) if org_set is not None else {}
-                for point in result.points if enterprise_series else ():
+                for point, labels in series_labels(org_set, key, result.points if enterprise_series else ()):
                     family = families.get(point.family) or self._extra_family(point.family, families)
                     if family is not None:
-                        family.add_sample(family.name, {**scope, **dict(point.labels), **static}, point.value)
+                        family.add_sample(family.name, labels, point.value)
                 if owner == ENTERPRISE:
                     self._derived(COLLECTORS[key.collector].derived, result.points, config.org_sets, families)
         return [f for f in families.values() if f.samples], horizon
@@ -194,14 +215,15 @@ class ExporterCollector(Collector):
 
     def _extra_family(self, name: str, families: dict[str, Metric]) -> Metric | None:
         """A family for a numeric field the v2 usage API added beyond the documented five."""
-        field_name = name.removeprefix("devin_usage_")
-        if not IDENTIFIER_RE.fullmatch(field_name) or name in _RESERVED_NAMES:
+        declared = extra_family(name)
+        if declared is None:
             return None
+        field_name = name.removeprefix("devin_usage_")
         if field_name not in self._announced_extras:
             self._announced_extras.add(field_name)
             log.info("exporting an undocumented numeric field of the usage API",
                      extra={"field": field_name, "metric": name})
-        family = Metric(name, f"Undocumented usage API field {field_name} in the trailing window", "gauge")
+        family = Metric(name, declared.help, "gauge")
         families[name] = family
         return family
 

@@ -474,18 +474,26 @@ def _window(item: str | WindowEntry, node: Node, default_interval: float) -> Win
             interval = _interval(node.child("interval", item.interval))
             explicit = True
         node = node.child("range", item.range)
-    name = _text(node)
+    try:
+        return parse_window(_text(node), interval, explicit=explicit)
+    except ValueError as exc:
+        node.fail(str(exc))
+
+
+def parse_window(name: str, interval: float, *, explicit: bool = False) -> Window:
+    """A window as written (`24h`, `today`, `billing_cycle`, ...); ValueError saying why it is none
+    (also for `backfill --windows`)."""
     if name in CALENDAR_WINDOWS:
         return Window(name=name, kind=name, range_seconds=None, interval=interval, interval_explicit=explicit)
     try:
         seconds = parse_duration(name)
     except ValueError as exc:
         if _DURATION_RE.match(name):
-            node.fail(str(exc))  # well-formed but out of range
-        node.fail(f"{name!r} is not a window: use a duration like 24h or 7d, or one of "
-                  f"{', '.join(CALENDAR_WINDOWS)}")
+            raise  # well-formed but out of range
+        raise ValueError(f"{name!r} is not a window: use a duration like 24h or 7d, or one of "
+                         f"{', '.join(CALENDAR_WINDOWS)}") from exc
     if seconds < MIN_WINDOW_SECONDS:
-        node.fail(f"window {name!r} is shorter than the minimum of 1m")
+        raise ValueError(f"window {name!r} is shorter than the minimum of 1m")
     return Window(name=name, kind="range", range_seconds=seconds, interval=interval, interval_explicit=explicit)
 
 

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from exporter.catalogue import COLLECTORS
-from exporter.catalogue.declare import Query
+from exporter.catalogue.declare import Point, Query
 from exporter.clocks import Clocks
 from exporter.config import Config, OrgSet, Window
 from exporter.cycle import BillingCycle
@@ -33,6 +33,30 @@ log = logging.getLogger(__name__)
 # this bounds the polls waiting for one (or sleeping between retries), so that 4,000 schedules due
 # together (a start with jitter 0) do not become 4,000 tasks at once.
 POLLS_PER_REQUEST_SLOT = 4
+
+
+async def query_at(key: ScheduleKey, now: datetime, cycle: BillingCycle) -> Query:
+    """The filters and time bounds a poll of the schedule at `now` sends; a billing_cycle window may
+    need the cycle holding `now` from the API first (its failure fails the poll). Live polls ask
+    at the wall clock's now, a backfill at each of its step ends."""
+    window = key.window
+    start: datetime | None = None
+    end: datetime | None = now
+    if window is not None:
+        start, end = window.bounds(now, key.delay, ZoneInfo(key.timezone))
+        if window.kind == "billing_cycle" and key.version in COLLECTORS[key.collector].cycle_bounds:
+            cycle_start = await cycle.start(key.version, now.timestamp())
+            end = now - timedelta(seconds=key.delay)
+            # For `delay` after a cycle begins none of it is settled yet: ask for an empty
+            # window, not one that ends before it starts (which the API rejects with a 422).
+            start = min(datetime.fromtimestamp(cycle_start, tz=UTC), end)
+    return Query(key.org_ids, key.user_ids, start, end, key.options)
+
+
+async def points_at(transport: Transport, key: ScheduleKey, now: datetime, cycle: BillingCycle) -> tuple[Point, ...]:
+    """Every point a poll of the schedule at `now` gives; ApiError if a call finally failed."""
+    query = await query_at(key, now, cycle)
+    return await fetch_points(transport, COLLECTORS[key.collector], key.version, key.org_set or None, key, query)
 
 
 @dataclass(eq=False)
@@ -205,34 +229,15 @@ class Poller:
         return next(k for k in plan_of(self.snapshot.config).of(owner)
                     if k.collector == collector and k.slot[1] == name)
 
-    async def _query(self, key: ScheduleKey) -> Query:
-        """The filters and time bounds the schedule asks for now; a billing_cycle window may need
-        the current cycle from the API first (its failure fails the poll)."""
-        now = datetime.fromtimestamp(self._clock(), tz=UTC)
-        window = key.window
-        start: datetime | None = None
-        end: datetime | None = now
-        if window is not None:
-            start, end = window.bounds(now, key.delay, ZoneInfo(key.timezone))
-            if window.kind == "billing_cycle" and key.version in COLLECTORS[key.collector].cycle_bounds:
-                cycle_start = await self.cycle.start(key.version)
-                end = now - timedelta(seconds=key.delay)
-                # For `delay` after a cycle begins none of it is settled yet: ask for an empty
-                # window, not one that ends before it starts (which the API rejects with a 422).
-                start = min(datetime.fromtimestamp(cycle_start, tz=UTC), end)
-        return Query(key.org_ids, key.user_ids, start, end, key.options)
-
     async def poll(self, key: ScheduleKey) -> bool:
         """Poll one schedule now and publish the outcome; True on success."""
-        collector = COLLECTORS[key.collector]
         slot = key.slot
         previous = self.snapshot.result(key.org_set, *slot)
         context = {"collector": key.collector, **({"org_set": key.org_set} if key.org_set else {}),
                    **({"window": slot[1]} if slot[1] is not None else {})}
         try:
-            query = await self._query(key)
-            points = await fetch_points(self._transport, collector, key.version, key.org_set or None,
-                                        key, query)
+            points = await points_at(self._transport, key, datetime.fromtimestamp(self._clock(), tz=UTC),
+                                     self.cycle)
         except ApiError as exc:
             result = previous.failed(str(exc.reason), self._clock())
             if previous.error != result.error and not self._set_failing_with(key, result.error):

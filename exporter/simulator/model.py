@@ -189,7 +189,10 @@ def billing_day_start(t: datetime) -> datetime:
 
 def window(start: datetime | None, end: datetime | None, now: datetime) -> tuple[datetime, datetime]:
     """The bounds a query means at `now`: a missing start is the current billing cycle's start, a
-    missing end is now, and nothing happens after now, so both are clipped to it.
+    missing end is now. Nothing happens after now, nor before the enterprise's first billing cycle
+    (INCEPTION): both bounds are clipped to that span, so a window entirely before INCEPTION is
+    empty and counts nothing, as an enterprise that did not exist yet had no sessions (the API
+    docs state no earliest date and no error for one; counts of an empty span are 0).
 
     Raises ValueError if start > end (before clipping).
     """
@@ -198,8 +201,9 @@ def window(start: datetime | None, end: datetime | None, now: datetime) -> tuple
     end = now if end is None else as_utc(end)
     if start > end:
         raise ValueError("start must not be after end")
-    end = min(end, now)
-    return min(start, end), end
+    first = min(INCEPTION, now)
+    end = max(min(end, now), first)
+    return min(max(start, first), end), end
 
 
 # --------------------------------------------------------------------------------------------
