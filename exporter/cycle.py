@@ -1,13 +1,16 @@
 """The current billing cycle, which `billing_cycle` windows send as their bounds (SPEC §10).
 
 It comes from the organizations collector's latest result when there is one that still holds
-now, else from one call to the cycles endpoint, shared by every schedule that needs it.
+now, else from one call to the cycles endpoint, shared by every schedule that needs it. While
+the organizations collector's poll is in flight (it asks the cycles endpoint too), schedules wait
+for its result instead: at start-up both would otherwise ask the same thing within moments.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from exporter.catalogue.declare import AnyEndpoint, Point, Query, Version
@@ -26,12 +29,25 @@ class BillingCycle:
         self._clock = clock
         self._cycle: tuple[float, float] | None = None
         self._lock = asyncio.Lock()
+        self._listing: asyncio.Event | None = None  # set when the organizations poll in flight ends
 
     def learn(self, points: Iterable[Point]) -> None:
         """Take the cycle from an organizations result's points."""
         values = {p.family: p.value for p in points if p.family in (CYCLE_START, CYCLE_END)}
         if CYCLE_START in values and CYCLE_END in values:
             self._cycle = (values[CYCLE_START], values[CYCLE_END])
+
+    @contextmanager
+    def listing(self) -> Iterator[None]:
+        """Around a poll of the organizations collector, whose result `learn`s the cycle: `start`
+        waits for it to end rather than ask the cycles endpoint a second time."""
+        done = self._listing = asyncio.Event()
+        try:
+            yield
+        finally:
+            done.set()
+            if self._listing is done:
+                self._listing = None
 
     def _holding(self, now: float) -> float | None:
         cycle = self._cycle
@@ -43,6 +59,11 @@ class BillingCycle:
         start = self._holding(now)
         if start is not None:
             return start
+        if self._listing is not None:
+            await self._listing.wait()
+            start = self._holding(self._clock())
+            if start is not None:
+                return start
         async with self._lock:  # one request for every schedule waiting on the same answer
             start = self._holding(self._clock())
             if start is not None:
