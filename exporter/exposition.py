@@ -43,7 +43,7 @@ import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from aiohttp import hdrs, web
@@ -283,15 +283,30 @@ class _Body:
     pieces: tuple[bytes, ...] | None = None  # the parts joined into a few large ones, for plain scrapes
     deflated: _Deflated | None = None  # for gzip scrapes
 
+    # gzip or not -> (the tail, the response parts made with it): the tail is the same bytes object
+    # while its values are (see _Tail), and then so is the response; scrapes copy and compress nothing.
+    responses: dict[bool, tuple[bytes, list[bytes]]] = field(default_factory=dict)
+
     def has(self, *, gzip: bool) -> bool:
         return (self.deflated if gzip else self.pieces) is not None
 
-    def plain_parts(self, tail: bytes) -> list[bytes]:
+    def response(self, tail: bytes, *, gzip: bool) -> list[bytes]:
+        """What a scrape sends: the body with `tail` after it, as one buffer unless it is large."""
+        made = self.responses.get(gzip)
+        if made is not None and made[0] is tail:
+            return made[1]
+        parts = self._gzip_parts(tail) if gzip else self._plain_parts(tail)
+        if sum(map(len, parts)) <= STREAM_ABOVE:  # one write, headers included: cheaper than several
+            parts = [b"".join(parts)]
+        self.responses[gzip] = (tail, parts)
+        return parts
+
+    def _plain_parts(self, tail: bytes) -> list[bytes]:
         assert self.pieces is not None
         return [*self.pieces, tail]
 
-    def gzip_parts(self, tail: bytes) -> list[bytes]:
-        """One gzip member: the body's deflate blocks, then `tail` compressed now."""
+    def _gzip_parts(self, tail: bytes) -> list[bytes]:
+        """One gzip member: the body's deflate blocks, then `tail` compressed."""
         deflated = self.deflated
         assert deflated is not None
         trailer = struct.pack("<II", zlib.crc32(tail, deflated.crc), (deflated.size + len(tail)) & 0xFFFFFFFF)
@@ -395,18 +410,26 @@ class _Tail:
         self._layout: list[tuple[str, dict[str, str]]] | None = None  # (sample name, labels) in order
         # The text before each sample's value, then the text after the last one.
         self._pieces: list[bytes] = []
+        # The last output, the same object while the values it was made of are the same.
+        self._values: list[float] | None = None
+        self._output = b""
 
     def render(self) -> bytes:
         families = list(self._fresh.collect())
         samples = [sample for family in families for sample in family.samples]
         if self._fits(samples):
+            values = [sample.value for sample in samples]
+            if values == self._values:  # the runtime values are re-read once a second: mostly the same
+                return self._output
             parts: list[bytes] = []
-            for piece, sample in zip(self._pieces[:-1], samples, strict=True):
-                parts += (piece, _value(sample.value))
+            for piece, value in zip(self._pieces[:-1], values, strict=True):
+                parts += (piece, _value(value))
             parts.append(self._pieces[-1])
-            return b"".join(parts)
+            self._values, self._output = values, b"".join(parts)
+            return self._output
         output = self._encoder(_Families(families))
         self._learn(output, samples)
+        self._values, self._output = None, output
         return output
 
     def _fits(self, samples: list[Sample]) -> bool:
@@ -534,8 +557,7 @@ class Exposition:
         if fmt.last_used > -math.inf:
             fmt.gap = now - fmt.last_used
         fmt.last_used = now
-        tail = fmt.tail.render()
-        return (body.gzip_parts(tail) if gzip else body.plain_parts(tail)), content_type
+        return body.response(fmt.tail.render(), gzip=gzip), content_type
 
     def _current(self, fmt: _Format, gzip: bool) -> _Body | None:
         """The format's newest body if a scrape may send it now: up to date, or — while the
@@ -725,9 +747,9 @@ def metrics_handler(exposition: Exposition) -> Callable[[web.Request], Awaitable
         headers = {hdrs.CONTENT_TYPE: content_type}
         if gzip:
             headers[hdrs.CONTENT_ENCODING] = "gzip"
+        if len(parts) == 1:  # at most STREAM_ABOVE bytes, joined once per body and tail (see _Body.response)
+            return web.Response(body=parts[0], headers=headers)
         size = sum(map(len, parts))
-        if size <= STREAM_ABOVE:  # one write, headers included: cheaper than several small ones
-            return web.Response(body=b"".join(parts), headers=headers)
         # Large cached parts go out as they are: joining them would copy megabytes per scrape.
         response = web.StreamResponse(headers=headers)
         response.content_length = size
