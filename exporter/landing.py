@@ -141,6 +141,9 @@ def render_landing_page(snap: Snapshot, now: float) -> str:
                            f"<td>{e(key.slot[1]) if key.slot[1] else NONE}</td><td>{key.interval:g}s</td>"
                            f'<td class="{css}">{e(text)}</td></tr>')
     poll = config.poll
+    api = config.api
+    share = (f" for the key ({api.requests_per_second:g}/s from this replica, 1/{api.rate_share} of it)"
+             if api.rate_share > 1 else "")
     discovery = " Organization discovery is on: discovered org sets are listed with the others." \
         if config.discovery.organizations else ""
     return f"""<!DOCTYPE html>
@@ -160,7 +163,7 @@ scrapes never wait on it.{discovery}</p>
 <p>Poll: default interval {poll.interval:g}s, jitter {poll.jitter:g}, delay {poll.delay:g}s,
 stale after {poll.stale_after} intervals, time zone {e(poll.timezone)}.
 API: timeout {config.api.timeout:g}s, concurrency {config.api.max_concurrency},
-{config.api.max_requests_per_second:g} requests/s, {config.api.retries} retries.</p>
+{config.api.max_requests_per_second:g} requests/s{share}, {config.api.retries} retries.</p>
 <table><tr><th>org set</th><th>collector</th><th>window</th><th>interval</th><th>last poll</th></tr>
 {"".join(details)}
 </table></body></html>
