@@ -101,7 +101,8 @@ class ApiSection(_Section):
     timeout: Annotated[Duration, Meta(description="per request attempt")] = "30s"
     max_concurrency: Annotated[int, Meta(ge=1, description="requests in flight at once")] = 4
     max_requests_per_second: Annotated[float, Meta(
-        gt=0, description="client-side rate limit of the key; with `shard`, each of the COUNT replicas keeps to 1/COUNT")] = 2.0
+        gt=0, description="client-side rate limit of the key; with `shard`, each of the COUNT replicas keeps to "
+        "1/COUNT")] = 2.0
     retries: Annotated[int, Meta(ge=0, description="extra attempts on 429, 5xx, timeouts, connection errors")] = 3
 
 
