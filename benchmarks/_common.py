@@ -25,6 +25,8 @@ import aiohttp  # noqa: E402
 from exporter.catalogue import CATALOGUE  # noqa: E402
 from exporter.catalogue.organizations import V3_CYCLES  # noqa: E402
 from exporter.config import Config, parse_config  # noqa: E402
+from exporter.plan import plan_of  # noqa: E402
+from exporter.service import Exporter  # noqa: E402
 
 KEY: Final = "cog_benchmark_0123456789"  # a v3 service user's token: the exporter speaks v3
 V2_KEY: Final = "apk_user_benchmark"  # the simulator's v2 key (unused: v2 paths are not polled)
@@ -194,6 +196,21 @@ def requests_by_collector(log: Sequence[dict[str, object]]) -> tuple[dict[str, i
             repeats[collector] = repeats.get(collector, 0) + 1
         seen.add(key)
     return counts, repeats
+
+
+def first_cycle_done(exporter: Exporter, sets: int, windows: int) -> Callable[[], bool]:
+    """Whether every schedule has finished its first poll."""
+    least = sum(minimum_requests(sets, windows, organizations=sets).values())
+
+    def done() -> bool:
+        # The cheap counter first (+1 per attempt; a cycle makes at least the minimum): scanning
+        # every schedule each millisecond would be most of the CPU measured at N = 1000.
+        if exporter.stats.version < least:
+            return False
+        snap = exporter.snapshot
+        return all(snap.result(k.org_set, *k.slot).last_attempt is not None for k in plan_of(snap.config).keys)
+
+    return done
 
 
 async def wait_first_cycle(done: Callable[[], bool], within: float) -> None:

@@ -28,6 +28,7 @@ from _common import (
     bench_config,
     bench_parser,
     cpu_seconds,
+    first_cycle_done,
     machine,
     minimum_requests,
     peak_rss_mb,
@@ -50,15 +51,7 @@ async def measure(sets: int, windows: int, concurrency: int, latency: float, rps
         config = bench_config(sim.url, sets, windows, concurrency=concurrency, rps=rps)
         exporter = Exporter(config)
         keys = plan_of(config).keys
-        minimum = minimum_requests(sets, windows, organizations=sets)
-
-        def done() -> bool:
-            # The cheap counter first (+1 per attempt; a cycle makes at least the minimum): scanning
-            # every schedule each millisecond would be most of the CPU measured at N = 1000.
-            if exporter.stats.version < sum(minimum.values()):
-                return False
-            snap = exporter.snapshot
-            return all(snap.result(k.org_set, *k.slot).last_attempt is not None for k in plan_of(snap.config).keys)
+        done = first_cycle_done(exporter, sets, windows)
 
         sim_cpu, cpu = sim.cpu_seconds(), cpu_seconds()
         started = time.perf_counter()
@@ -74,7 +67,7 @@ async def measure(sets: int, windows: int, concurrency: int, latency: float, rps
         result = {"sets": sets, "windows": windows, "schedules": len(keys), "seconds": elapsed,
                   "cpu": cpu, "sim_cpu": sim_cpu, "failed": failed, "latency": seconds / max(1, attempts),
                   "attempts": attempts, "requests": requests, "repeats": repeats,
-                  "minimum": minimum,
+                  "minimum": minimum_requests(sets, windows, organizations=sets),
                   "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}
         await exporter.close()
         return result
