@@ -56,9 +56,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
+from exporter.catalogue import CATALOGUE
 from exporter.collector import ApiStats, ExporterCollector, register_runtime_collectors
-from exporter.plan import plan_of
-from exporter.snapshot import Snapshot
+from exporter.plan import Plan, plan_of
+from exporter.snapshot import ENTERPRISE, Snapshot
 
 Encoder = Callable[[Collector], bytes]
 log = logging.getLogger(__name__)
@@ -240,6 +241,17 @@ class _Segment:
         if chunk.names is not old.names:
             self._reorder()  # a family may have appeared or gone
 
+    def take(self, index: int) -> _Chunk:
+        """The chunk at `index` with its bytes as a fresh chunk holds them, to reuse under a new config."""
+        chunk = self.chunks[index]
+        number, cell = divmod(index, BLOCK_CHUNKS)
+        families = {}
+        for name in chunk.names:
+            column = self._columns[name]
+            ends = column.ends[number]
+            families[name] = (self._headers[name], column.blocks[number][ends[cell - 1] if cell else 0:ends[cell]])
+        return _Chunk(families, chunk.valid_from, chunk.valid_until, chunk.stats)
+
     def _reorder(self) -> None:
         order = dict.fromkeys(self._skeleton)
         seen: tuple[str, ...] | None = None
@@ -280,6 +292,7 @@ class _Body:
     valid_until: float  # the staleness horizon: the earliest time a published usage series expires
     current_at: float  # monotonic time it was last known to be up to date
     parts: tuple[bytes, ...]
+    plan: Plan  # of snapshot.config, so a reload can tell which org sets' schedules stayed the same
     pieces: tuple[bytes, ...] | None = None  # the parts joined into a few large ones, for plain scrapes
     deflated: _Deflated | None = None  # for gzip scrapes
 
@@ -677,10 +690,19 @@ class Exposition:
             families = collector.health_families(snap, (owners[index],))
             return _Chunk(fmt.render(families))
 
+        plan = plan_of(config)
         if previous is None or previous.snapshot.config is not config or now < previous.valid_from:
+            # A reload (or the first render): org sets whose schedules, labels and results are as
+            # they were keep their bytes, so a reload at 1,000 org sets re-renders only what changed.
+            kept = self._unchanged(previous, snap, plan) if previous is not None and now >= previous.valid_from else {}
             usage: list[_Chunk] = []
             health: list[_Chunk] = []
-            for index in range(len(owners)):
+            for index, owner in enumerate(owners):
+                old_index = kept.get(owner)
+                if old_index is not None:
+                    usage.append(fmt.usage.take(old_index))
+                    health.append(fmt.health.take(old_index))
+                    continue
                 usage.append(render_usage(index))
                 await self._rendered(1)
                 health.append(render_health(index))
@@ -706,9 +728,15 @@ class Exposition:
         valid_until = min((c.valid_until for c in chunks), default=math.inf)
 
         items = list(self._stats.items())
-        if [name for name, _ in items] != fmt.api.names:
+        if [name for name, _ in items] != fmt.api.names:  # a reload added or removed org sets
+            old_api = {name: index for index, name in enumerate(fmt.api.names)}
             api = []
             for name, stats in items:
+                index = old_api.get(name, -1)
+                rendered = fmt.api.chunks[index].stats if index >= 0 else None
+                if rendered is not None and rendered[0] is stats and rendered[1] == stats.version:
+                    api.append(fmt.api.take(index))
+                    continue
                 families = collector.api_families([(name, stats)])
                 api.append(_Chunk(fmt.render(families), stats=(stats, stats.version)))
                 await self._rendered(1)
@@ -724,7 +752,33 @@ class Exposition:
                     fmt.api.replace(index, chunk)
                     await self._rendered(1)
         parts = tuple(part for segment in (fmt.usage, fmt.health, fmt.api) for part in segment.parts())
-        return _Body(snap, version, valid_from, valid_until, current_at, parts)
+        return _Body(snap, version, valid_from, valid_until, current_at, parts, plan)
+
+
+    @staticmethod
+    def _unchanged(previous: _Body, snap: Snapshot, plan: Plan) -> dict[str, int]:
+        """Org set name -> its index in `previous`, for the org sets whose rendering under the new
+        config would be byte for byte the old one: the same set (name, filters, labels), the same
+        schedules and the very same results. Nothing, if something all org sets' lines show changed
+        (the usage HELP text names each collector's interval; staleness depends on stale_after)."""
+        old_config, config = previous.snapshot.config, snap.config
+        if (old_config.poll.stale_after != config.poll.stale_after
+                or any(old_config.collector(c.name).interval != config.collector(c.name).interval
+                       for c in CATALOGUE)):
+            return {}
+        old_sets = {s.name: s for s in old_config.org_sets}
+        old_owners = {owner: i for i, owner in enumerate(previous.plan.owners)}
+        kept: dict[str, int] = {}
+        for org_set in config.org_sets:
+            name = org_set.name
+            index = old_owners.get(name)
+            if index is None or old_sets.get(name) != org_set or previous.plan.of(name) != plan.of(name):
+                continue
+            old, new = previous.snapshot.of(name), snap.of(name)
+            if len(old) == len(new) and all(new.get(slot) is result for slot, result in old.items()):
+                kept[name] = index
+        kept.pop(ENTERPRISE, None)  # its derived series (an org set's ACU limit) depend on every org set
+        return kept
 
 
 def _gzip_whole(data: bytes) -> bytes:
