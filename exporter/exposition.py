@@ -729,10 +729,10 @@ class Exposition:
 
         items = list(self._stats.items())
         if [name for name, _ in items] != fmt.api.names:  # a reload added or removed org sets
-            old_api = {name: index for index, name in enumerate(fmt.api.names)}
+            was_at = {name: index for index, name in enumerate(fmt.api.names)}
             api = []
             for name, stats in items:
-                index = old_api.get(name, -1)
+                index = was_at.get(name, -1)
                 rendered = fmt.api.chunks[index].stats if index >= 0 else None
                 if rendered is not None and rendered[0] is stats and rendered[1] == stats.version:
                     api.append(fmt.api.take(index))
