@@ -121,7 +121,8 @@ def render_landing_page(snap: Snapshot, now: float) -> str:
     organizations = enterprise.get(("organizations", None))
     points = organizations.points if organizations is not None and organizations.points else ()
     derived = COLLECTORS["organizations"].derived
-    limits = {s.name: (derived[0].value(points, s) if points and derived else None) for s in config.org_sets}
+    limit_of = derived[0].of(points) if points and derived else None
+    limits = {s.name: (limit_of(s) if limit_of is not None else None) for s in config.org_sets}
     rows = "".join(_row(plan, snap, s, limits, now) for s in config.org_sets)
 
     queue = enterprise.get(("queue", None))

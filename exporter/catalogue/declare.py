@@ -52,10 +52,12 @@ class Family:
 @dataclass(frozen=True)
 class Derived:
     """A per-org-set family computed from an enterprise-level collector's points and the set's
-    filters (an org set's ACU limit from its organizations' limits); None publishes nothing."""
+    filters (an org set's ACU limit from its organizations' limits); None publishes nothing.
+    `of(points)` reads the points once and gives the value for each org set: asked per org set,
+    reading 1,000 organizations' points for each of 1,000 org sets took a second."""
 
     family: Family
-    value: Callable[[Sequence[Point], OrgSet], float | None]
+    of: Callable[[Sequence[Point]], Callable[[OrgSet], float | None]]
 
 
 @dataclass(frozen=True, slots=True)  # slots: at 1,000 org sets the snapshot holds ~100,000 of them
