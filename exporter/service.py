@@ -199,7 +199,9 @@ class Exporter:
 def _try_load(load: Callable[[], Config]) -> Config | str:
     """The config `load` returns, or the one log line that says why there is none."""
     try:
-        return load()
+        config = load()
+        plan_of(config)  # built here, off the event loop: ~0.2 s at 1,000 org sets
+        return config
     except ConfigError as exc:
         return f"config reload failed; keeping the running config: {exc}"
     except Exception as exc:
