@@ -1,8 +1,10 @@
 """A small HTTP load generator, run as its own process so its CPU is not the server's.
 
     python benchmarks/_loadgen.py URL [URL ...] --requests 300 --warmup 20 --concurrency 1 [--header K:V ...]
+        [--no-keepalive]
 
-Keeps connections alive (as Prometheus does), reads every body in full without decompressing it,
+Keeps connections alive (as Prometheus does; --no-keepalive: a new connection per request, as a
+one-off `curl` makes), reads every body in full without decompressing it,
 and prints one JSON line: per URL, count, p50/p99/mean latency in ms, requests per second, body
 bytes. Several URLs are requested in turn (a, b, a, b, ...), so a noisy moment on a shared machine
 hits all of them alike instead of skewing whichever was measured then.
@@ -28,10 +30,10 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 
 async def run(urls: list[str], requests: int, warmup: int, concurrency: int,
-              headers: dict[str, str]) -> list[dict[str, float]]:
+              headers: dict[str, str], keepalive: bool = True) -> list[dict[str, float]]:
     latencies: list[list[float]] = [[] for _ in urls]
     sizes: list[list[int]] = [[] for _ in urls]
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=not keepalive)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                      skip_auto_headers=("Accept-Encoding",)) as session:
         async def one(target: int, record: bool) -> None:
@@ -82,10 +84,12 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
+    parser.add_argument("--no-keepalive", action="store_true", help="a new connection for every request")
     args = parser.parse_args()
     headers = dict(h.split(":", 1) for h in args.header)
     headers = {k.strip(): v.strip() for k, v in headers.items()}
-    print(json.dumps(asyncio.run(run(args.urls, args.requests, args.warmup, args.concurrency, headers))))
+    print(json.dumps(asyncio.run(run(args.urls, args.requests, args.warmup, args.concurrency, headers,
+                                     keepalive=not args.no_keepalive))))
     return 0
 
 

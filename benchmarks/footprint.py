@@ -1,4 +1,4 @@
-"""Memory and CPU of the exporter at N org sets: RSS, CPU per poll cycle, CPU per idle minute.
+"""Memory and CPU of the exporter at N org sets (API v3, every collector): RSS, CPU per cycle, CPU per idle minute.
 
 Each N runs in a fresh process against the simulator (another process). The exporter polls
 every schedule once (the first cycle), serves /metrics once in each format a Prometheus or a
@@ -25,6 +25,7 @@ from _common import (
     bench_config,
     bench_parser,
     cpu_seconds,
+    first_cycle_done,
     machine,
     peak_rss_mb,
     rss_mb,
@@ -45,7 +46,7 @@ SCRAPES = (  # (Accept, Accept-Encoding): Prometheus (OpenMetrics, gzip), curl (
 
 
 async def measure(sets: int, windows: int, latency: float, idle: float) -> dict[str, float]:
-    with Simulator(latency) as sim:
+    with Simulator(latency, organizations=sets) as sim:
         config = bench_config(sim.url, sets, windows)
         exporter = Exporter(config)
         runner = web.AppRunner(create_app(exporter), access_log=None)
@@ -53,10 +54,8 @@ async def measure(sets: int, windows: int, latency: float, idle: float) -> dict[
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         url = f"http://127.0.0.1:{runner.addresses[0][1]}/metrics"
-        attempts = exporter.stats.version
         cpu = cpu_seconds()
-        await wait_first_cycle(lambda: exporter.stats.version - attempts >= sets * windows
-                               and exporter.ready(), within=600)
+        await wait_first_cycle(first_cycle_done(exporter, sets, windows), within=900)
         first_cycle_cpu = cpu_seconds() - cpu
         rss_polled = rss_mb()
         cpu = cpu_seconds()
@@ -94,8 +93,8 @@ def main() -> int:
         return 0
     sizes, latency = sizes_and_latency(args)
     idle = 0.5 if args.smoke else args.idle
-    print(f"# footprint: W={args.windows}, L={latency * 1000:g} ms, idle measured over {idle:g} s; "
-          f"{machine()}")
+    print(f"# footprint: API v3, every collector, W={args.windows}, L={latency * 1000:g} ms, "
+          f"idle measured over {idle:g} s; {machine()}")
     rows = []
     for sets in sizes:
         r = run_child(Path(__file__), [str(sets), "--windows", str(args.windows), "--latency", str(latency),

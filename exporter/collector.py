@@ -208,8 +208,9 @@ class ExporterCollector(Collector):
         """Per-org-set families computed from an enterprise collector's points (an org set's ACU limit)."""
         for item in derived:
             family = families[item.family.name]
+            value_of = item.of(points)
             for org_set in org_sets:
-                value = item.value(points, org_set)
+                value = value_of(org_set)
                 if value is not None:
                     family.add_sample(family.name, {"org": org_set.name, **dict(org_set.labels)}, value)
 

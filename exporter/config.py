@@ -81,11 +81,19 @@ class ApiSettings:
     api_key: ApiKey
     timeout: float = 30.0  # seconds, per request attempt
     max_concurrency: int = 4  # requests in flight at once, all org sets together
-    max_requests_per_second: float = 2.0  # across all org sets
+    max_requests_per_second: float = 2.0  # across all org sets, and all replicas of a sharded key
     retries: int = 3  # extra attempts after the first, on retryable failures
     api_key_file: str | None = None  # where the key came from, so a reload re-reads it
     version: ApiVersion = "v2"  # resolved from version_setting and the key; parse_config always sets it
     version_setting: ApiVersionSetting = "auto"  # api.version as written
+    # Replicas sharing the key (the shard COUNT): the upstream limit is per key, so each replica
+    # takes its share of max_requests_per_second, and COUNT replicas together stay within it.
+    rate_share: int = 1
+
+    @property
+    def requests_per_second(self) -> float:
+        """The request rate this process keeps to: its share of max_requests_per_second."""
+        return self.max_requests_per_second / self.rate_share
 
 
 @dataclass(frozen=True)
@@ -257,9 +265,10 @@ class Config:
     def _with_sets(self, configured: tuple[OrgSet, ...], discovered: tuple[OrgSet, ...],
                    shard: Shard | None) -> Config:
         every = configured + discovered
+        api = replace(self.api, rate_share=shard.count if shard is not None else 1)
         if shard is None:
-            return replace(self, org_sets=every, shard=None, all_org_sets=(), discovered_org_sets=discovered)
-        return replace(self, org_sets=tuple(s for s in every if shard.owns(s.name)), shard=shard,
+            return replace(self, api=api, org_sets=every, shard=None, all_org_sets=(), discovered_org_sets=discovered)
+        return replace(self, api=api, org_sets=tuple(s for s in every if shard.owns(s.name)), shard=shard,
                        all_org_sets=every, discovered_org_sets=discovered)
 
     def summary(self) -> str:

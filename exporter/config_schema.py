@@ -100,7 +100,9 @@ class ApiSection(_Section):
     )] | UnsetType = UNSET
     timeout: Annotated[Duration, Meta(description="per request attempt")] = "30s"
     max_concurrency: Annotated[int, Meta(ge=1, description="requests in flight at once")] = 4
-    max_requests_per_second: Annotated[float, Meta(gt=0, description="client-side rate limit")] = 2.0
+    max_requests_per_second: Annotated[float, Meta(
+        gt=0, description="client-side rate limit of the key; with `shard`, each of the COUNT replicas keeps to "
+        "1/COUNT")] = 2.0
     retries: Annotated[int, Meta(ge=0, description="extra attempts on 429, 5xx, timeouts, connection errors")] = 3
 
 

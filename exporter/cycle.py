@@ -2,13 +2,16 @@
 
 It comes from the organizations collector's latest result when there is one that still holds
 the moment asked about, else from one call to the cycles endpoint, shared by every schedule that
-needs it.
+needs it. While the organizations collector's poll is in flight (it asks the cycles endpoint too),
+schedules wait for its result instead: at start-up both would otherwise ask the same thing within
+moments.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from exporter.catalogue.declare import AnyEndpoint, Point, Query, Version
@@ -34,6 +37,7 @@ class BillingCycle:
         self._clock = clock
         self._cycles: list[tuple[float, float]] = []
         self._lock = asyncio.Lock()
+        self._listing: asyncio.Event | None = None  # set when the organizations poll in flight ends
 
     def learn(self, points: Iterable[Point]) -> None:
         """Take the cycle from an organizations result's points."""
@@ -42,6 +46,18 @@ class BillingCycle:
             cycle = (values[CYCLE_START], values[CYCLE_END])
             # Newest first, so a cycle the API has since redrawn loses to the new one.
             self._cycles = [cycle, *(c for c in self._cycles if c != cycle)][: self.KEPT]
+
+    @contextmanager
+    def listing(self) -> Iterator[None]:
+        """Around a poll of the organizations collector, whose result `learn`s the cycle: `cycle_at`
+        waits for it to end rather than ask the cycles endpoint a second time."""
+        done = self._listing = asyncio.Event()
+        try:
+            yield
+        finally:
+            done.set()
+            if self._listing is done:
+                self._listing = None
 
     def _holding(self, at: float) -> tuple[float, float] | None:
         return next((c for c in self._cycles if c[0] <= at < c[1]), None)
@@ -52,6 +68,11 @@ class BillingCycle:
         cycle = self._holding(at)
         if cycle is not None:
             return cycle
+        if self._listing is not None:
+            await self._listing.wait()
+            cycle = self._holding(at)
+            if cycle is not None:
+                return cycle
         async with self._lock:  # one request for every schedule waiting on the same answer
             cycle = self._holding(at)
             if cycle is not None:

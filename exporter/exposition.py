@@ -43,7 +43,7 @@ import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from aiohttp import hdrs, web
@@ -56,9 +56,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
+from exporter.catalogue import CATALOGUE
 from exporter.collector import ApiStats, ExporterCollector, register_runtime_collectors
-from exporter.plan import plan_of
-from exporter.snapshot import Snapshot
+from exporter.plan import Plan, plan_of
+from exporter.snapshot import ENTERPRISE, Snapshot
 
 Encoder = Callable[[Collector], bytes]
 log = logging.getLogger(__name__)
@@ -240,6 +241,17 @@ class _Segment:
         if chunk.names is not old.names:
             self._reorder()  # a family may have appeared or gone
 
+    def take(self, index: int) -> _Chunk:
+        """The chunk at `index` with its bytes as a fresh chunk holds them, to reuse under a new config."""
+        chunk = self.chunks[index]
+        number, cell = divmod(index, BLOCK_CHUNKS)
+        families = {}
+        for name in chunk.names:
+            column = self._columns[name]
+            ends = column.ends[number]
+            families[name] = (self._headers[name], column.blocks[number][ends[cell - 1] if cell else 0:ends[cell]])
+        return _Chunk(families, chunk.valid_from, chunk.valid_until, chunk.stats)
+
     def _reorder(self) -> None:
         order = dict.fromkeys(self._skeleton)
         seen: tuple[str, ...] | None = None
@@ -280,18 +292,34 @@ class _Body:
     valid_until: float  # the staleness horizon: the earliest time a published usage series expires
     current_at: float  # monotonic time it was last known to be up to date
     parts: tuple[bytes, ...]
+    plan: Plan  # of snapshot.config, so a reload can tell which org sets' schedules stayed the same
     pieces: tuple[bytes, ...] | None = None  # the parts joined into a few large ones, for plain scrapes
     deflated: _Deflated | None = None  # for gzip scrapes
+
+    # gzip or not -> (the tail, the response parts made with it): the tail is the same bytes object
+    # while its values are (see _Tail), and then so is the response; scrapes copy and compress nothing.
+    responses: dict[bool, tuple[bytes, list[bytes]]] = field(default_factory=dict)
 
     def has(self, *, gzip: bool) -> bool:
         return (self.deflated if gzip else self.pieces) is not None
 
-    def plain_parts(self, tail: bytes) -> list[bytes]:
+    def response(self, tail: bytes, *, gzip: bool) -> list[bytes]:
+        """What a scrape sends: the body with `tail` after it, as one buffer unless it is large."""
+        made = self.responses.get(gzip)
+        if made is not None and made[0] is tail:
+            return made[1]
+        parts = self._gzip_parts(tail) if gzip else self._plain_parts(tail)
+        if sum(map(len, parts)) <= STREAM_ABOVE:  # one write, headers included: cheaper than several
+            parts = [b"".join(parts)]
+        self.responses[gzip] = (tail, parts)
+        return parts
+
+    def _plain_parts(self, tail: bytes) -> list[bytes]:
         assert self.pieces is not None
         return [*self.pieces, tail]
 
-    def gzip_parts(self, tail: bytes) -> list[bytes]:
-        """One gzip member: the body's deflate blocks, then `tail` compressed now."""
+    def _gzip_parts(self, tail: bytes) -> list[bytes]:
+        """One gzip member: the body's deflate blocks, then `tail` compressed."""
         deflated = self.deflated
         assert deflated is not None
         trailer = struct.pack("<II", zlib.crc32(tail, deflated.crc), (deflated.size + len(tail)) & 0xFFFFFFFF)
@@ -395,18 +423,26 @@ class _Tail:
         self._layout: list[tuple[str, dict[str, str]]] | None = None  # (sample name, labels) in order
         # The text before each sample's value, then the text after the last one.
         self._pieces: list[bytes] = []
+        # The last output, the same object while the values it was made of are the same.
+        self._values: list[float] | None = None
+        self._output = b""
 
     def render(self) -> bytes:
         families = list(self._fresh.collect())
         samples = [sample for family in families for sample in family.samples]
         if self._fits(samples):
+            values = [sample.value for sample in samples]
+            if values == self._values:  # the runtime values are re-read once a second: mostly the same
+                return self._output
             parts: list[bytes] = []
-            for piece, sample in zip(self._pieces[:-1], samples, strict=True):
-                parts += (piece, _value(sample.value))
+            for piece, value in zip(self._pieces[:-1], values, strict=True):
+                parts += (piece, _value(value))
             parts.append(self._pieces[-1])
-            return b"".join(parts)
+            self._values, self._output = values, b"".join(parts)
+            return self._output
         output = self._encoder(_Families(families))
         self._learn(output, samples)
+        self._values, self._output = None, output
         return output
 
     def _fits(self, samples: list[Sample]) -> bool:
@@ -534,8 +570,7 @@ class Exposition:
         if fmt.last_used > -math.inf:
             fmt.gap = now - fmt.last_used
         fmt.last_used = now
-        tail = fmt.tail.render()
-        return (body.gzip_parts(tail) if gzip else body.plain_parts(tail)), content_type
+        return body.response(fmt.tail.render(), gzip=gzip), content_type
 
     def _current(self, fmt: _Format, gzip: bool) -> _Body | None:
         """The format's newest body if a scrape may send it now: up to date, or — while the
@@ -655,10 +690,19 @@ class Exposition:
             families = collector.health_families(snap, (owners[index],))
             return _Chunk(fmt.render(families))
 
+        plan = plan_of(config)
         if previous is None or previous.snapshot.config is not config or now < previous.valid_from:
+            # A reload (or the first render): org sets whose schedules, labels and results are as
+            # they were keep their bytes, so a reload at 1,000 org sets re-renders only what changed.
+            kept = self._unchanged(previous, snap, plan) if previous is not None and now >= previous.valid_from else {}
             usage: list[_Chunk] = []
             health: list[_Chunk] = []
-            for index in range(len(owners)):
+            for index, owner in enumerate(owners):
+                old_index = kept.get(owner)
+                if old_index is not None:
+                    usage.append(fmt.usage.take(old_index))
+                    health.append(fmt.health.take(old_index))
+                    continue
                 usage.append(render_usage(index))
                 await self._rendered(1)
                 health.append(render_health(index))
@@ -684,9 +728,15 @@ class Exposition:
         valid_until = min((c.valid_until for c in chunks), default=math.inf)
 
         items = list(self._stats.items())
-        if [name for name, _ in items] != fmt.api.names:
+        if [name for name, _ in items] != fmt.api.names:  # a reload added or removed org sets
+            was_at = {name: index for index, name in enumerate(fmt.api.names)}
             api = []
             for name, stats in items:
+                index = was_at.get(name, -1)
+                rendered = fmt.api.chunks[index].stats if index >= 0 else None
+                if rendered is not None and rendered[0] is stats and rendered[1] == stats.version:
+                    api.append(fmt.api.take(index))
+                    continue
                 families = collector.api_families([(name, stats)])
                 api.append(_Chunk(fmt.render(families), stats=(stats, stats.version)))
                 await self._rendered(1)
@@ -702,7 +752,33 @@ class Exposition:
                     fmt.api.replace(index, chunk)
                     await self._rendered(1)
         parts = tuple(part for segment in (fmt.usage, fmt.health, fmt.api) for part in segment.parts())
-        return _Body(snap, version, valid_from, valid_until, current_at, parts)
+        return _Body(snap, version, valid_from, valid_until, current_at, parts, plan)
+
+
+    @staticmethod
+    def _unchanged(previous: _Body, snap: Snapshot, plan: Plan) -> dict[str, int]:
+        """Org set name -> its index in `previous`, for the org sets whose rendering under the new
+        config would be byte for byte the old one: the same set (name, filters, labels), the same
+        schedules and the very same results. Nothing, if something all org sets' lines show changed
+        (the usage HELP text names each collector's interval; staleness depends on stale_after)."""
+        old_config, config = previous.snapshot.config, snap.config
+        if (old_config.poll.stale_after != config.poll.stale_after
+                or any(old_config.collector(c.name).interval != config.collector(c.name).interval
+                       for c in CATALOGUE)):
+            return {}
+        old_sets = {s.name: s for s in old_config.org_sets}
+        old_owners = {owner: i for i, owner in enumerate(previous.plan.owners)}
+        kept: dict[str, int] = {}
+        for org_set in config.org_sets:
+            name = org_set.name
+            index = old_owners.get(name)
+            if index is None or old_sets.get(name) != org_set or previous.plan.of(name) != plan.of(name):
+                continue
+            old, new = previous.snapshot.of(name), snap.of(name)
+            if len(old) == len(new) and all(new.get(slot) is result for slot, result in old.items()):
+                kept[name] = index
+        kept.pop(ENTERPRISE, None)  # its derived series (an org set's ACU limit) depend on every org set
+        return kept
 
 
 def _gzip_whole(data: bytes) -> bytes:
@@ -725,9 +801,9 @@ def metrics_handler(exposition: Exposition) -> Callable[[web.Request], Awaitable
         headers = {hdrs.CONTENT_TYPE: content_type}
         if gzip:
             headers[hdrs.CONTENT_ENCODING] = "gzip"
+        if len(parts) == 1:  # at most STREAM_ABOVE bytes, joined once per body and tail (see _Body.response)
+            return web.Response(body=parts[0], headers=headers)
         size = sum(map(len, parts))
-        if size <= STREAM_ABOVE:  # one write, headers included: cheaper than several small ones
-            return web.Response(body=b"".join(parts), headers=headers)
         # Large cached parts go out as they are: joining them would copy megabytes per scrape.
         response = web.StreamResponse(headers=headers)
         response.content_length = size

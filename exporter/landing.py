@@ -121,7 +121,8 @@ def render_landing_page(snap: Snapshot, now: float) -> str:
     organizations = enterprise.get(("organizations", None))
     points = organizations.points if organizations is not None and organizations.points else ()
     derived = COLLECTORS["organizations"].derived
-    limits = {s.name: (derived[0].value(points, s) if points and derived else None) for s in config.org_sets}
+    limit_of = derived[0].of(points) if points and derived else None
+    limits = {s.name: (limit_of(s) if limit_of is not None else None) for s in config.org_sets}
     rows = "".join(_row(plan, snap, s, limits, now) for s in config.org_sets)
 
     queue = enterprise.get(("queue", None))
@@ -141,6 +142,9 @@ def render_landing_page(snap: Snapshot, now: float) -> str:
                            f"<td>{e(key.slot[1]) if key.slot[1] else NONE}</td><td>{key.interval:g}s</td>"
                            f'<td class="{css}">{e(text)}</td></tr>')
     poll = config.poll
+    api = config.api
+    share = (f" for the key ({api.requests_per_second:g}/s from this replica, 1/{api.rate_share} of it)"
+             if api.rate_share > 1 else "")
     discovery = " Organization discovery is on: discovered org sets are listed with the others." \
         if config.discovery.organizations else ""
     return f"""<!DOCTYPE html>
@@ -160,7 +164,7 @@ scrapes never wait on it.{discovery}</p>
 <p>Poll: default interval {poll.interval:g}s, jitter {poll.jitter:g}, delay {poll.delay:g}s,
 stale after {poll.stale_after} intervals, time zone {e(poll.timezone)}.
 API: timeout {config.api.timeout:g}s, concurrency {config.api.max_concurrency},
-{config.api.max_requests_per_second:g} requests/s, {config.api.retries} retries.</p>
+{config.api.max_requests_per_second:g} requests/s{share}, {config.api.retries} retries.</p>
 <table><tr><th>org set</th><th>collector</th><th>window</th><th>interval</th><th>last poll</th></tr>
 {"".join(details)}
 </table></body></html>

@@ -23,7 +23,7 @@ from exporter.config import Config, OrgSet, Window
 from exporter.cycle import BillingCycle
 from exporter.fetch import fetch_points
 from exporter.plan import ScheduleKey, plan_of
-from exporter.snapshot import Result, Snapshot
+from exporter.snapshot import ENTERPRISE, Result, Snapshot
 from exporter.transport import ApiError, Transport
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,9 @@ class Poller:
             if schedule.poll is not None:
                 schedule.poll.cancel()
         now = self._monotonic()
-        for key in wanted:
+        # Enterprise-level schedules first (for schedules due together): discovery and the billing
+        # cycle other schedules send come from the organizations collector's result.
+        for key in sorted(wanted, key=lambda k: k.org_set != ENTERPRISE):
             if key not in self._schedules:
                 # Spread first polls over the jitter span so a restart does not burst the API.
                 schedule = Schedule(key, now + self._random() * poll.jitter * key.interval)
@@ -231,6 +233,12 @@ class Poller:
 
     async def poll(self, key: ScheduleKey) -> bool:
         """Poll one schedule now and publish the outcome; True on success."""
+        if key.collector == "organizations" and key.org_set == ENTERPRISE:
+            with self.cycle.listing():  # its result holds the billing cycles: others wait for it
+                return await self._poll(key)
+        return await self._poll(key)
+
+    async def _poll(self, key: ScheduleKey) -> bool:
         slot = key.slot
         previous = self.snapshot.result(key.org_set, *slot)
         context = {"collector": key.collector, **({"org_set": key.org_set} if key.org_set else {}),

@@ -88,6 +88,11 @@ class Exporter:
             log.warning("API v2 is deprecated upstream (\"use API v3 with service user authentication\"); "
                         "see the README on moving to a cog_ service user token")
         self._announce(self.config)
+        api, shard = self.config.api, self.config.shard
+        if shard is not None:
+            log.info("sharded: this replica keeps to its share of the key's request rate",
+                     extra={"shard": str(shard), "max_requests_per_second": api.max_requests_per_second,
+                            "replica_requests_per_second": round(api.requests_per_second, 6)})
         log.info("polling started", extra={"org_sets": len(self.config.org_sets),
                                            "schedules": len(plan_of(self.config).keys),
                                            "api_version": self.config.api.version})
@@ -194,7 +199,9 @@ class Exporter:
 def _try_load(load: Callable[[], Config]) -> Config | str:
     """The config `load` returns, or the one log line that says why there is none."""
     try:
-        return load()
+        config = load()
+        plan_of(config)  # built here, off the event loop: ~0.2 s at 1,000 org sets
+        return config
     except ConfigError as exc:
         return f"config reload failed; keeping the running config: {exc}"
     except Exception as exc:

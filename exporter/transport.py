@@ -454,7 +454,7 @@ class Transport:
         are the least likely to trip it. The slot is reserved before sleeping, so concurrent
         callers line up without a lock.
         """
-        rps = self._settings.max_requests_per_second
+        rps = self._settings.requests_per_second  # with --shard: this replica's share
         if not (rps > 0 and math.isfinite(rps)):
             return  # config validation forbids this; treat as "no rate limit" rather than crash
         now = self._monotonic()

@@ -37,16 +37,23 @@ def _rows(table: list[list[str]]) -> list[dict[str, str]]:
     return rows
 
 
-def test_poll_cycle_benchmark_runs_and_every_request_succeeds() -> None:
-    (row,) = _rows(_run("poll_cycle.py"))
-    assert row["N sets"] == "2" and row["requests"] == "8" and row["failed"] == "0"
-    assert float(row["ratio"]) >= 1.0  # nothing beats the lower bound
+def test_poll_cycle_benchmark_runs_and_every_collector_makes_its_minimum_of_requests() -> None:
+    cycle, *collectors = _rows(_run("poll_cycle.py"))
+    # N = 2 on v3, every collector: 2 x 4 x (3 usage + 1 active users + 1 consumption) + 2 pages and
+    # cycles of organizations + 1 queue.
+    assert cycle["N sets"] == "2" and cycle["R (minimum)"] == "43" and cycle["failed"] == "0"
+    assert float(cycle["ratio"]) >= 1.0  # nothing beats the lower bound
+    assert [row["collector"] for row in collectors] == ["usage", "active_users", "consumption", "organizations",
+                                                        "queue"]
+    for row in collectors:
+        assert row["requests made"] == row["minimum requests"] and row["repeated"] == "0", row
 
 
 def test_scrape_benchmark_runs_every_variant_and_the_polling_comparison() -> None:
     rows = _rows(_run("scrape.py"))
     variants = [row["variant"] for row in rows]
-    assert variants == ["text", "text+gzip", "openmetrics", "openmetrics+gzip", "text", "openmetrics+gzip"]
+    assert variants == ["text", "text+gzip", "openmetrics", "openmetrics+gzip", "text, no keep-alive",
+                        "text", "openmetrics+gzip"]
     assert all(float(row["p50 ratio"]) > 0 for row in rows)
     assert int(rows[-1]["cycles"]) >= 1
 
@@ -56,3 +63,9 @@ def test_footprint_benchmark_runs() -> None:
     assert row["N sets"] == "2"
     assert float(row["RSS after scrapes MB"]) > 10
     assert float(row["idle CPU s/min"]) >= 0
+
+
+def test_reload_benchmark_sees_the_reload_while_scraping() -> None:
+    (row,) = _rows(_run("reload.py"))
+    assert row["N sets"] == "2" and int(row["scrapes while reloading"]) > 0
+    assert float(row["reload shown after s"]) > 0 and float(row["max scrape delay ms"]) > 0

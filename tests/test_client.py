@@ -30,7 +30,7 @@ from yarl import URL
 from exporter import USER_AGENT
 from exporter import transport as client_module
 from exporter.catalogue.declare import format_rfc3339
-from exporter.config import ApiSettings
+from exporter.config import ApiSettings, parse_config
 from exporter.secret import ApiKey
 from exporter.transport import (
     RETRY_AFTER_CAP,
@@ -704,6 +704,17 @@ async def test_rate_limit_spaces_request_starts_by_one_over_rps(h: Harness) -> N
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert all(gap >= 0.5 for gap in gaps), gaps
     assert starts[-1] - starts[0] == pytest.approx(2.0)  # no slower than needed either
+
+
+async def test_a_shard_of_four_sends_at_a_quarter_of_max_requests_per_second(h: Harness) -> None:
+    # COUNT replicas share one key, whose limit is upstream's: each keeps to 1/COUNT of the rate.
+    sharded = parse_config(f"api: {{api_key: {KEY}, max_requests_per_second: 8}}\nshard: 1/4\n"
+                           "org_sets: [{name: a}, {name: b}]\n", "sharded.yaml", env={})
+    client = h.client(max_requests_per_second=sharded.api.max_requests_per_second, max_concurrency=10,
+                      rate_share=sharded.api.rate_share)
+    await asyncio.gather(*(client.fetch(query(f"set{i}")) for i in range(5)))
+    starts = sorted(s.at for s in h.server.seen)
+    assert [b - a for a, b in itertools.pairwise(starts)] == [pytest.approx(0.5)] * 4  # 8/s / 4 replicas = 2/s
 
 
 async def test_rate_limit_also_spaces_sequential_requests_and_retries(h: Harness) -> None:

@@ -325,6 +325,22 @@ async def test_billing_cycle_consumption_sends_the_current_cycle_from_the_cycles
 
 
 @pytest.mark.parametrize("version", ["v3", "v2"])
+async def test_a_start_with_billing_cycle_windows_asks_the_cycles_endpoint_once(
+    rigs: Rigs, version: Literal["v3", "v2"]
+) -> None:
+    # Every schedule is due at once (jitter 0): the billing_cycle windows wait for the organizations
+    # poll, which lists the cycles anyway, instead of asking the same thing moments before it.
+    rig = await rigs.start("- name: growth\n  org_ids: [org-456]\n- name: mobile\n  org_ids: [org-mobile]\n",
+                           version=version, windows="[billing_cycle, 7d]",
+                           collectors="{active_users: {enabled: false}, queue: {enabled: false}, "
+                                      "consumption: {windows: [billing_cycle]}}")
+    cycles = f"/{version}/enterprise/consumption/cycles"
+    assert len([r for r in rig.requests(cycles) if "after" not in r.query]) == 1  # one listing (v3: of pages)
+    daily = rig.requests(V3_ORG_DAILY if version == "v3" else V2_DAILY)
+    assert len(daily) == 2 and all(r.status == 200 for r in daily)
+
+
+@pytest.mark.parametrize("version", ["v3", "v2"])
 async def test_billing_cycle_windows_just_after_a_new_cycle_begins_ask_an_empty_window_not_a_reversed_one(
     rigs: Rigs, version: Literal["v3", "v2"]
 ) -> None:

@@ -289,6 +289,24 @@ async def test_a_clock_that_steps_back_re_renders_series_that_were_stale() -> No
     assert labels(org="a", window="1h") in samples["devin_usage_sessions"]
 
 
+async def test_a_reload_re_renders_only_the_org_sets_it_changed() -> None:
+    # At 1,000 org sets a full re-render takes seconds, and a scrape after a reload waits for it.
+    rig = Rig(_config(_many(30)))
+    rig.succeed_all()
+    await rig.scrape()
+    await rig.scrape(OPENMETRICS, gzip=True)
+    renders = rig.exposition.renders
+    rig.reload(_config(_many(30).replace("- name: set-0004", "- name: set-0004\n  labels: {team: x}")
+                       + "\n- name: set-new"))
+    rig.succeed("set-0004", "1h")
+    for window in ("1h", "24h"):
+        rig.succeed("set-new", window)
+    await _assert_same_as_registry(rig)
+    # Per format: usage and health chunks of the new set and the relabelled one, the new set's API counters.
+    assert rig.exposition.renders - renders == 2 * (2 * 2 + 1)
+    assert 'team="x"' in (await rig.scrape()).decode()
+
+
 async def test_config_reload_changes_the_help_text_and_labels_of_every_org_set() -> None:
     rig = Rig(_config("- name: a", interval="1h"))
     rig.succeed_all()

@@ -187,3 +187,20 @@ def test_a_replica_that_owns_no_org_set_runs_warns_and_serves_health_metrics(
     assert "devin_up" not in samples and samples["devin_exporter_build_info"]
     assert http("GET", url + "healthz")[0] == 200 and http("GET", url + "readyz")[0] == 200
 
+
+
+# --- the request budget ---------------------------------------------------------------------------
+
+
+def test_each_shard_takes_its_share_of_the_keys_request_rate_however_the_shard_is_given() -> None:
+    text = "api: {api_key: apk_user_x, max_requests_per_second: 6}\norg_sets:\n  - name: a\n"
+    alone = parse_config(text, "c.yaml", env={})
+    assert alone.api.requests_per_second == 6
+    in_file = parse_config(text + "shard: 0/3\n", "c.yaml", env={})
+    assert in_file.api.requests_per_second == 2
+    # --shard over a file's `shard` (the CLI applies it again): the share is of the key's rate, once.
+    assert in_file.with_shard(Shard(1, 4)).api.requests_per_second == 1.5
+    assert in_file.with_shard(None).api.requests_per_second == 6
+    # Discovered org sets keep the share, and the configured value stays what the file says.
+    grown = in_file.with_org_sets(())
+    assert (grown.api.requests_per_second, grown.api.max_requests_per_second) == (2, 6)

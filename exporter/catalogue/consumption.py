@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
 from exporter.catalogue import replies
-from exporter.catalogue.declare import Collector, Endpoint, Family, Point, Query
+from exporter.catalogue.declare import Collector, Endpoint, Family, Point, Query, one_label
 
 ACUS: Final = "devin_consumption_acus"
 BY_PRODUCT: Final = "devin_consumption_acus_by_product"
@@ -49,7 +49,7 @@ def _v3_points(replies_: Sequence[Reply], query: Query) -> Iterable[Point]:
             for product, acus in day["acus_by_product"].items():
                 products[product] = products.get(product, 0.0) + acus
         for product, acus in sorted(products.items()):
-            yield Point(BY_PRODUCT, acus, (("product", product),))
+            yield Point(BY_PRODUCT, acus, one_label("product", product))
 
 
 def _read_v2(document: object) -> dict[str, object]:

@@ -9,6 +9,7 @@ and the simulator names an upstream path.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,19 +52,29 @@ class Family:
 @dataclass(frozen=True)
 class Derived:
     """A per-org-set family computed from an enterprise-level collector's points and the set's
-    filters (an org set's ACU limit from its organizations' limits); None publishes nothing."""
+    filters (an org set's ACU limit from its organizations' limits); None publishes nothing.
+    `of(points)` reads the points once and gives the value for each org set: asked per org set,
+    reading 1,000 organizations' points for each of 1,000 org sets took a second."""
 
     family: Family
-    value: Callable[[Sequence[Point], OrgSet], float | None]
+    of: Callable[[Sequence[Point]], Callable[[OrgSet], float | None]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: at 1,000 org sets the snapshot holds ~100,000 of them
 class Point:
     """One value a reply gave, before it is a sample: family, own labels, value."""
 
     family: str
     value: float
     labels: tuple[tuple[str, str], ...] = ()
+
+
+@functools.lru_cache(maxsize=4096)
+def one_label(name: str, value: str) -> tuple[tuple[str, str], ...]:
+    """`((name, value),)` as one shared object per pair: every org set's and window's reply names
+    the same origins, sizes and products, and one copy of each instead of one per reply saves
+    megabytes of the snapshot at 1,000 org sets."""
+    return ((name, value),)
 
 
 @dataclass(frozen=True)

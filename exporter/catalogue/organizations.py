@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Final
 
@@ -94,15 +94,19 @@ V2_CYCLES: Final = Endpoint(
     lambda replies_, q: _cycle_points((c for reply in replies_ for c in reply), q), (CYCLE_START, CYCLE_END))
 
 
-def _set_cycle_limit(points: Sequence[Point], org_set: OrgSet) -> float | None:
-    """The sum of the set's organizations' cycle limits, when every one of them has a limit."""
-    if not org_set.org_ids:
-        return None  # the whole enterprise: its limit is not an organization's
+def _set_cycle_limit(points: Sequence[Point]) -> Callable[[OrgSet], float | None]:
+    """The sum of a set's organizations' cycle limits, when every one of them has a limit."""
     limits = {dict(p.labels)["org_id"]: p.value for p in points if p.family == CYCLE_LIMIT}
-    ids = set(org_set.org_ids)
-    if not ids <= limits.keys():
-        return None
-    return sum(limits[i] for i in ids)
+
+    def of(org_set: OrgSet) -> float | None:
+        if not org_set.org_ids:
+            return None  # the whole enterprise: its limit is not an organization's
+        ids = set(org_set.org_ids)
+        if not ids <= limits.keys():
+            return None
+        return sum(limits[i] for i in ids)
+
+    return of
 
 
 ORGANIZATIONS: Final = Collector(

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Final
 
 from exporter.catalogue import replies
-from exporter.catalogue.declare import Collector, Endpoint, Family, Point, Query
+from exporter.catalogue.declare import Collector, Endpoint, Family, Point, Query, one_label
 from exporter.transport import InvalidResponse
 
 SIZE: Final = "devin_queue_size"
@@ -35,7 +35,7 @@ def _points(replies_: Sequence[dict[str, object]], query: Query) -> Iterable[Poi
         yield Point(SIZE, size)
         # A state set: every known status, 1 for the current one, so alerts need no absent().
         for status in (*STATUSES, *(() if current in STATUSES else (current,))):
-            yield Point(STATUS, 1.0 if status == current else 0.0, (("status", status),))
+            yield Point(STATUS, 1.0 if status == current else 0.0, one_label("status", status))
 
 
 V3_QUEUE: Final = Endpoint("/v3/enterprise/queue", "v3", _read, _points, (SIZE, STATUS))

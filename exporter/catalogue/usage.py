@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final
 
 from exporter.catalogue import replies
-from exporter.catalogue.declare import Collector, Endpoint, Family, Point, Query
+from exporter.catalogue.declare import Collector, Endpoint, Family, Point, Query, one_label
 
 _TAIL: Final = "in the trailing window, as returned by the Devin API"
 
@@ -99,7 +99,7 @@ def _sessions_points(replies_: Sequence[dict[str, object]], query: Query) -> Ite
             counts = reply[field_name]
             assert isinstance(counts, dict)
             for key, value in sorted(counts.items()):  # one series per key the API returned
-                yield Point(family, value, ((label, key),))
+                yield Point(family, value, one_label(label, key))
 
 
 PRS_FIELDS: Final = {
