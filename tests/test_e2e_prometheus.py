@@ -112,6 +112,7 @@ class StackProfile:
     simulator_args: tuple[str, ...]
     org_sets: Mapping[str, OrgSetSpec]  # every org set the exporter polls, discovered ones included
     collectors: tuple[str, ...]  # the collectors the config enables
+    consumption_windows: tuple[str, ...] = ()  # collectors.consumption.windows: every set's, replacing its own
 
     @property
     def series_keys(self) -> frozenset[tuple[str, str]]:
@@ -127,14 +128,38 @@ class StackProfile:
                          if not (self.version == "v3" and metric == "devin_usage_searches"
                                  and self.org_sets[org].user_ids))
 
+    def polls(self, collector: str, org: str) -> bool:
+        """Whether `collector` has schedules for org set `org` (README: What is not published, and why):
+        the active-users endpoint takes no user_ids, and no consumption endpoint takes org_ids and
+        user_ids together; such a set gets no schedule, so no devin_collector_up either."""
+        spec = self.org_sets[org]
+        if collector == "active_users":
+            return not spec.user_ids
+        if collector == "consumption":
+            return not (spec.org_ids and spec.user_ids)
+        return True
+
+    def keys_of(self, collector: str) -> frozenset[tuple[str, str]]:
+        """(org set, window) of every series of a per-window collector the stack enables."""
+        if collector not in self.collectors:
+            return frozenset()
+        return frozenset(
+            (org, window) for org, spec in self.org_sets.items() if self.polls(collector, org)
+            for window in (self.consumption_windows if collector == "consumption" else spec.windows))
+
     def collector_keys(self) -> set[tuple[str, str | None]]:
         """(collector, org set) of every devin_collector_up series; enterprise-level ones have no org set."""
         keys: set[tuple[str, str | None]] = set()
         for collector in CATALOGUE:
             if collector.name in self.collectors:
-                owners = [None] if collector.scope == "enterprise" else list(self.org_sets)
+                owners = [None] if collector.scope == "enterprise" else [
+                    org for org in self.org_sets if self.polls(collector.name, org)]
                 keys |= {(collector.name, owner) for owner in owners}
         return keys
+
+    def enterprise_collectors(self) -> set[str]:
+        """The enabled collectors without an org set (organizations, queue)."""
+        return {c.name for c in CATALOGUE if c.name in self.collectors and c.scope == "enterprise"}
 
     def unpublished(self) -> frozenset[str]:
         """Families of the catalogue this stack's exporter cannot publish: those of collectors it does
@@ -211,11 +236,16 @@ V3_ORG_SETS: Final = {
        for name, org_id in DISCOVERED.items()},
 }
 
-# The collectors of SPEC §10 this stack checks, each on the usage collector's 2 s schedule; the
-# others are off (consumption's windows and filters need expectations of their own).
-V3_ENABLED: Final = ("usage", "organizations")
-V3_COLLECTORS: Final = "\n".join(f"  {c.name}: {{enabled: {str(c.name in V3_ENABLED).lower()}, interval: 2s}}"
-                                  for c in CATALOGUE)
+# Every collector of SPEC §10 on the usage collector's 2 s schedule, so the cost, adoption and
+# queue panels and rules have data within seconds. Consumption polls its own windows for every set
+# (replacing the sets' lists): a calendar one, one usage also polls (7d: ACUs per merged PR), and
+# the cycle's (the budget rules); 30d would only add requests.
+V3_ENABLED: Final = tuple(c.name for c in CATALOGUE)
+V3_CONSUMPTION_WINDOWS: Final = ("today", "7d", "billing_cycle")
+V3_COLLECTORS: Final = "\n".join(
+    f"  {c.name}: {{enabled: {str(c.name in V3_ENABLED).lower()}, interval: 2s"
+    + (f", windows: [{', '.join(V3_CONSUMPTION_WINDOWS)}]" if c.name == "consumption" else "") + "}"
+    for c in CATALOGUE)
 V3_EXPORTER_CONFIG: Final = """\
 api:
   base_url: {base_url}
@@ -223,7 +253,7 @@ api:
   timeout: 2s
   retries: 0
   max_concurrency: 8
-  max_requests_per_second: 100   # ~30 calls/s: usage is three calls per window, the lists are paged
+  max_requests_per_second: 100   # ~50 calls/s: usage is three calls per window, consumption one per org
 poll:
   interval: 2s
   jitter: 0
@@ -256,7 +286,7 @@ server:
 PROFILES: Final = {
     "v2": StackProfile("v2", EXPORTER_CONFIG, DEFAULT_DEMO_KEY, (), ORG_SETS, ("usage",)),
     "v3": StackProfile("v3", V3_EXPORTER_CONFIG, V3_TOKEN, ("--v3-token", V3_TOKEN), V3_ORG_SETS,
-                       V3_ENABLED),
+                       V3_ENABLED, V3_CONSUMPTION_WINDOWS),
 }
 # A test of one stack only; the module-scoped fixture is still shared with the other tests of that stack.
 V2_ONLY: Final = pytest.mark.parametrize("stack", ["v2"], indirect=True)
@@ -351,15 +381,23 @@ def _by_org_window(result: list[dict[str, Any]]) -> dict[tuple[str, str], float]
     return {(s["metric"]["org"], s["metric"]["window"]): float(s["value"][1]) for s in result}
 
 
+# The per-window families of the other collectors, each checked like the usage ones.
+WINDOWED: Final = {"devin_consumption_acus": "consumption", "devin_usage_active_users": "active_users"}
+
+
 def _wait_for_series(stack: Stack, timeout: float) -> None:
-    """Until Prometheus has every (org set, window) usage series, devin_up and devin_collector_up are 1
-    for every org set and collector, and (with the organizations collector) every organization is listed."""
+    """Until Prometheus has every (org set, window) usage, consumption and active-users series, devin_up
+    and devin_collector_up are 1 for every org set and collector, (with the organizations collector)
+    every organization is listed, and (with the queue collector) the queue is there."""
     profile = stack.profile
 
     def probe() -> bool:
         for metric in USAGE_METRICS.values():
             keys = set(_by_org_window(stack.prom.query(metric)))
             assert keys == profile.usage_keys(metric), (metric, sorted(keys))
+        for metric, collector in WINDOWED.items():
+            keys = set(_by_org_window(stack.prom.query(metric)))
+            assert keys == profile.keys_of(collector), (metric, sorted(keys))
         up = {s["metric"]["org"]: float(s["value"][1]) for s in stack.prom.query("devin_up")}
         assert up == dict.fromkeys(profile.org_sets, 1.0), up
         collectors = {(s["metric"]["collector"], s["metric"].get("org")): float(s["value"][1])
@@ -368,6 +406,8 @@ def _wait_for_series(stack: Stack, timeout: float) -> None:
         if "organizations" in profile.collectors:
             listed = stack.prom.query("devin_organization_info")
             assert len(listed) == len(DEFAULT_ORGANIZATIONS), listed
+        if "queue" in profile.collectors:
+            assert len(stack.prom.query("devin_queue_size")) == 1
         return True
 
     wait_until("every usage series in Prometheus and every org set and collector up", probe,
@@ -402,7 +442,9 @@ def test_prometheus_scrapes_the_exporter(stack: Stack) -> None:
     assert target["labels"]["job"] == JOB
     assert target["scrapeUrl"] == stack.exporter_url + "/metrics"
     assert target["lastError"] == ""
-    up = stack.prom.query(f'up{{job="{JOB}"}}')
+    # The targets API can report the scrape before its samples are committed: wait for them too.
+    up = wait_until("the scrape's up sample", lambda: stack.prom.query(f'up{{job="{JOB}"}}'),
+                    timeout=10, processes=stack.processes)
     assert [float(s["value"][1]) for s in up] == [1.0]
 
 
@@ -707,6 +749,53 @@ def _rules_in_file() -> dict[str, dict[str, str]]:
     }
 
 
+def _recorded() -> dict[str, str]:
+    """Recording rule name -> its expression, as the shipped file declares them."""
+    document = yaml.safe_load(RULES_FILE.read_text())
+    return {rule["record"]: rule["expr"] for group in document["groups"] for rule in group["rules"]
+            if "record" in rule}
+
+
+def _rule_names(text: str) -> set[str]:
+    """Recording rule names in an expression (level:metric:operations, with colons)."""
+    return set(re.findall(r"(?<![\w:])[a-z_][a-z0-9_]*:[a-z0-9_:]+(?![\w:])", text))
+
+
+def _reads(expr: str) -> set[str]:
+    """The exporter's metrics an expression reads, directly or through the recording rules it uses."""
+    rules = _recorded()
+    names: set[str] = set()
+    seen: set[str] = set()
+    todo = [expr]
+    while todo:  # bounded: each rule is expanded once
+        text = todo.pop()
+        names |= _metric_names(text)
+        for rule in (_rule_names(text) & set(rules)) - seen:
+            seen.add(rule)
+            todo.append(rules[rule])
+    return names
+
+
+# The shipped default of devin:threshold:acu_budget_used_ratio (DevinACUBudgetNearlyUsed).
+ACU_BUDGET_USED_RATIO: Final = 0.9
+
+
+def _alerts_the_data_calls_for(stack: Stack) -> set[tuple[str, str | None]]:
+    """(alert, org set) of the alerts about the simulated data itself, which a healthy exporter
+    rightly raises: the simulator's queue goes high every afternoon (UTC), and an org set can pass
+    90 % of its cycle limit near the end of a long cycle. Read from the raw series, not the rules."""
+    expected: set[tuple[str, str | None]] = set()
+    if any(float(s["value"][1]) == 1 for s in stack.prom.query('devin_queue_status{status="high"}')):
+        expected.add(("DevinQueueHigh", None))
+    used = {s["metric"]["org"]: float(s["value"][1]) for s in stack.prom.query(
+        'max by (org) (devin_consumption_acus{window="billing_cycle"})')}
+    limits = {s["metric"]["org"]: float(s["value"][1]) for s in stack.prom.query(
+        "max by (org) (devin_acu_cycle_limit)")}
+    expected |= {("DevinACUBudgetNearlyUsed", org) for org, limit in limits.items()
+                 if limit > 0 and used.get(org, 0.0) / limit >= ACU_BUDGET_USED_RATIO}
+    return expected
+
+
 def _loaded_rules(stack: Stack) -> dict[str, dict[str, dict[str, Any]]]:
     groups = stack.prom.get("/api/v1/rules")["groups"]
     return {group["name"]: {rule["name"]: rule for rule in group["rules"]} for group in groups}
@@ -738,24 +827,45 @@ def test_every_shipped_rule_evaluates_cleanly(stack: Stack) -> None:
             assert rule["health"] == "ok", (name, rule)
             assert not rule.get("lastError"), (name, rule["lastError"])
 
-    # Recording rules that need no history return data against a fresh Prometheus; the
-    # week-over-week ones need `offset 1w` data and stay empty here (their health is checked above).
-    for group in loaded.values():
-        for name, rule in group.items():
-            if rule["type"] != "recording" or "offset" in rule["query"]:
-                continue
+    # Every recording rule returns data against a fresh Prometheus, except the week-over-week ones
+    # (they need `offset 1w` data; their health is checked above) and those reading a collector the
+    # stack does not enable, which must return nothing. The burn-rate rules need the cycle's ACUs to
+    # have moved between two scrapes (increase() > 0 for days_left): a few seconds of polls.
+    unpublished = stack.profile.unpublished()
+    recording = {name: rule["query"] for group in loaded.values() for name, rule in group.items()
+                 if rule["type"] == "recording" and "offset" not in rule["query"]}
+    silent = {name for name, query in recording.items() if _reads(query) & unpublished}
+
+    def all_recorded() -> bool:
+        for name in sorted(recording):
             result = stack.prom.query(name)
-            assert result, f"recording rule {name} ({rule['query']}) returned no data"
+            if name in silent:
+                assert not result, f"recording rule {name} returns data without its collector: {result}"
+                continue
+            assert result, f"recording rule {name} ({recording[name]}) returned no data"
             assert all(math.isfinite(float(s["value"][1])) for s in result), (name, result)
+        return True
+
+    wait_until("every recording rule to return data", all_recorded, timeout=30, processes=stack.processes)
+    if stack.profile.version == "v3":  # every collector runs: no rule is silent there
+        assert not silent, silent
     ratio = _by_org_window(stack.prom.query("org_window:devin_usage_pr_merge_ratio:ratio"))
     assert ratio and set(ratio) <= stack.profile.series_keys and all(0 <= v <= 1 for v in ratio.values()), ratio
 
     if not stack.faulted:
-        # A healthy exporter fires nothing (DevinExporterAbsent may be pending for an instant
-        # right after start-up, before the first scrape, hence the wait).
-        wait_until("no Devin alert pending or firing while all is healthy",
-                   lambda: not stack.prom.get("/api/v1/alerts")["alerts"],
-                   timeout=15, processes=stack.processes)
+        # A healthy exporter fires nothing but the alerts the simulated data itself calls for
+        # (DevinExporterAbsent may be pending for an instant right after start-up, before the first
+        # scrape, and the queue's status changes once in a while, hence the wait for one moment
+        # at which the alerts and the data agree).
+        def only_what_the_data_calls_for() -> bool:
+            alerts = {(a["labels"]["alertname"], a["labels"].get("org"))
+                      for a in stack.prom.get("/api/v1/alerts")["alerts"]}
+            expected = _alerts_the_data_calls_for(stack)
+            assert alerts == expected, (alerts, expected)
+            return True
+
+        wait_until("no Devin alert pending or firing while all is healthy, but those the data calls for",
+                   only_what_the_data_calls_for, timeout=15, processes=stack.processes)
 
 
 # ---------------------------------------------------------------------------------- dashboard
@@ -844,6 +954,7 @@ class FaultObservations:
     down_in_prometheus: set[str]
     collectors_down: set[tuple[str, str | None]]  # (collector, org set) with devin_collector_up 0
     pending: dict[str, dict[str, Any]]  # org set -> its DevinExporterDown alert
+    collector_down: dict[str, dict[str, Any]]  # enterprise-level collector -> its DevinCollectorDown alert
     exporter_errors: dict[str, float]  # org set -> server_error count the exporter served
 
 
@@ -883,6 +994,21 @@ def fault_cycle(stack: Stack) -> FaultObservations:
     alerts = wait_until("DevinExporterDown pending for every org set", pending,
                         timeout=deadline - time.monotonic(), processes=stack.processes)
 
+    def collector_down_pending() -> dict[str, dict[str, Any]] | None:
+        # With every collector of a set failing, DevinExporterDown pages for the set, not one
+        # DevinCollectorDown per collector (those pend only while the first polls fail and others
+        # still work); the enterprise-level collectors have no set and page on their own.
+        found = [a for a in stack.prom.get("/api/v1/alerts")["alerts"]
+                 if a["labels"]["alertname"] == "DevinCollectorDown"]
+        by_collector = {a["labels"]["collector"]: a for a in found if not a["labels"].get("org")}
+        if len(by_collector) == len(found) and set(by_collector) == stack.profile.enterprise_collectors():
+            return by_collector
+        return None
+
+    collector_down = wait_until("DevinCollectorDown pending for the enterprise-level collectors only",
+                                collector_down_pending, timeout=deadline - time.monotonic(),
+                                processes=stack.processes)
+
     def errors_rate() -> bool:
         # Two scrapes of the error counters, so rate() over them has data. Enterprise-level
         # collectors' counters have no org label: they are no org set's.
@@ -900,11 +1026,11 @@ def fault_cycle(stack: Stack) -> FaultObservations:
 
     http_json("DELETE", stack.simulator_url + "/-/faults")
     _wait_for_series(stack, timeout=30)
-    wait_until("DevinExporterDown to leave pending once polls succeed again",
+    wait_until("DevinExporterDown and DevinCollectorDown to leave pending once polls succeed again",
                lambda: not [a for a in stack.prom.get("/api/v1/alerts")["alerts"]
-                            if a["labels"]["alertname"] == "DevinExporterDown"],
+                            if a["labels"]["alertname"] in ("DevinExporterDown", "DevinCollectorDown")],
                timeout=20, processes=stack.processes)
-    return FaultObservations(down_orgs, down_collectors, alerts, exporter_errors)
+    return FaultObservations(down_orgs, down_collectors, alerts, collector_down, exporter_errors)
 
 
 def test_failing_api_makes_devin_exporter_down_pending(stack: Stack, fault_cycle: FaultObservations) -> None:
@@ -919,6 +1045,11 @@ def test_failing_api_makes_devin_exporter_down_pending(stack: Stack, fault_cycle
         assert float(alert["value"]) == 0.0
     assert set(fault_cycle.exporter_errors) == org_sets
     assert all(count >= 1 for count in fault_cycle.exporter_errors.values())
+    assert set(fault_cycle.collector_down) == stack.profile.enterprise_collectors()
+    for collector, alert in fault_cycle.collector_down.items():
+        assert alert["state"] == "pending" and alert["labels"]["severity"] == "warning"
+        assert collector in alert["annotations"]["summary"]
+        assert float(alert["value"]) == 0.0
 
 
 def _metric_names(text: str) -> set[str]:
@@ -939,7 +1070,7 @@ def test_every_dashboard_query_returns_data(stack: Stack, fault_cycle: FaultObse
         expr = substitute(target["expr"], DASHBOARD_VARIABLES)
         result = stack.prom.query(expr, at=now)  # asserts status success: the expression parses
         values = [float(s["value"][1]) for s in result]
-        if _metric_names(target["expr"]) & unpublished:
+        if _reads(target["expr"]) & unpublished:  # through the recording rules it uses, too
             assert not result, f"{title} [{target['refId']}] shows data without its collector: {result}"
             continue
         if "group_left (org_name)" in target["expr"]:  # an org id's panel: its name is joined in
