@@ -912,17 +912,24 @@ def test_dashboard_is_importable_as_is() -> None:
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     rows = [p["title"] for p in panels if p["type"] == "row"]
-    assert rows == ["Usage", "Pull requests", "Organizations", "Exporter health"]
+    assert rows == ["Usage", "Pull requests", "Cost", "Adoption", "Queue", "Organizations", "Exporter health"]
     for panel in panels:
         if panel["type"] == "row":
             continue
-        assert panel["type"] in {"timeseries", "stat", "table", "bargauge"}, panel["type"]
+        assert panel["type"] in {"timeseries", "stat", "table", "bargauge", "gauge"}, panel["type"]
         assert panel.get("description", "").strip(), f"panel {panel['title']!r} has no description"
         assert panel["targets"], f"panel {panel['title']!r} has no query"
         assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
 
     exprs = [target["expr"] for _, target in _dashboard_targets(dashboard)]
     assert any("org_window:devin_usage_pr_merge_ratio:ratio" in e for e in exprs)
+    # A recording rule renamed or dropped from the rules file would leave its panels empty.
+    used = set().union(*(_rule_names(e) for e in exprs))
+    assert used >= {"org:devin_acu_cycle_limit:used_ratio", "org:devin_acu_cycle_limit:days_left",
+                    "org:devin_consumption_acus:projected_cycle_end",
+                    "org_window:devin_consumption_acus_per_merged_pr:ratio",
+                    "org_window:devin_usage_sessions_per_active_user:ratio"}, used
+    assert used <= set(_recorded()), f"not in {RULES_FILE.name}: {sorted(used - set(_recorded()))}"
     for expr in exprs:
         # A fresh Prometheus has no week of history: such queries would show nothing.
         assert "offset" not in expr and ":wow_change" not in expr, expr
