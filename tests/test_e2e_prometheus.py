@@ -18,6 +18,7 @@ Everything waits by polling with a deadline; nothing sleeps a fixed time to let 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -60,13 +61,22 @@ from exporter.simulator import (
     DEFAULT_ORGANIZATIONS,
     USAGE_PATH,
     billing_cycle,
+    expected_active_users,
+    expected_consumption_v3,
     expected_prs,
+    expected_queue,
     expected_searches,
     expected_sessions,
     expected_usage,
     parse_datetime,
 )
 from exporter.simulator.v3 import PRS_PATH, SEARCHES_PATH, SESSIONS_PATH
+
+# The v3 paths of SPEC §10 the cost, adoption and queue collectors call, written out here.
+CONSUMPTION_PATH: Final = "/v3/enterprise/consumption/daily"
+ORG_CONSUMPTION_PATH: Final = CONSUMPTION_PATH + "/organizations/"
+ACTIVE_USERS_PATH: Final = "/v3/enterprise/metrics/active-users"
+QUEUE_PATH: Final = "/v3/enterprise/queue"
 
 PROMETHEUS: Final = shutil.which("prometheus")
 
@@ -717,6 +727,101 @@ def test_v3_organization_series_equal_what_the_api_lists(stack: Stack) -> None:
     for name, series in expected.items():
         assert _in_prometheus(stack, name) == series, name
         assert _served(served.get(name, [])) == series, name
+
+
+def _consumption_window(after: int, before: int, at: datetime) -> str:
+    """The consumption window a request's bounds mean (V3_CONSUMPTION_WINDOWS; poll.timezone UTC)."""
+    if before - after == WINDOW_SECONDS["7d"]:
+        return "7d"
+    if after == billing_cycle(at)[0].timestamp():
+        return "billing_cycle"
+    midnight = datetime.fromtimestamp(before, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    assert after == midnight.timestamp(), (after, before, at)
+    return "today"
+
+
+def _by_org_window_of(samples: list[tuple[Mapping[str, str], float]]) -> dict[tuple[str, str], float]:
+    return {(labels["org"], labels["window"]): value for labels, value in samples}
+
+
+@V3_ONLY
+def test_v3_cost_adoption_and_queue_series_equal_what_the_api_returned(stack: Stack) -> None:
+    # As the usage tests: the values Prometheus holds at one instant, and those the exporter serves,
+    # must each be what recent calls returned, recomputed exactly from the simulator's request log.
+    # A set's ACUs are the sum of its organizations' replies (one call each), so they must equal the
+    # sum of one recent reply per organization; active users and the queue are one call each.
+    _wait_for_series(stack, timeout=30)
+    at = time.time()
+    acus = {(s["metric"]["org"], s["metric"]["window"]): float(s["value"][1])
+            for s in stack.prom.query("devin_consumption_acus", at=at)}
+    users = {(s["metric"]["org"], s["metric"]["window"]): float(s["value"][1])
+             for s in stack.prom.query("devin_usage_active_users", at=at)}
+    queue_size = [float(s["value"][1]) for s in stack.prom.query("devin_queue_size", at=at)]
+    queue_status = {s["metric"]["status"]: float(s["value"][1]) for s in stack.prom.query("devin_queue_status", at=at)}
+    # The products of one reply add up to its total, so they must in Prometheus at one instant too.
+    by_product: dict[tuple[str, str], float] = {}
+    for sample in stack.prom.query("devin_consumption_acus_by_product", at=at):
+        key = (sample["metric"]["org"], sample["metric"]["window"])
+        by_product[key] = by_product.get(key, 0.0) + float(sample["value"][1])
+    served = stack.exporter_metrics()
+    requests = [r for r in http_json("GET", stack.simulator_url + "/-/requests")  # fetched last
+                if r["status"] == 200 and datetime.fromisoformat(r["time"]).timestamp() >= at - 30]
+
+    assert set(acus) == set(by_product) == stack.profile.keys_of("consumption")
+    assert set(users) == stack.profile.keys_of("active_users")
+    for key, total in acus.items():
+        assert math.isclose(by_product[key], total, abs_tol=0.005 * 4), (key, by_product[key], total)
+
+    # Consumption: (owner, window) -> totals recent calls returned; owner is an org id, or None for
+    # the enterprise endpoint (a set without filters).
+    replies: dict[tuple[str | None, str], set[float]] = {}
+    for record in requests:
+        path = record["path"]
+        if path != CONSUMPTION_PATH and not path.startswith(ORG_CONSUMPTION_PATH):
+            continue
+        org_id = path.removeprefix(ORG_CONSUMPTION_PATH) if path != CONSUMPTION_PATH else None
+        after, before = int(record["query"]["time_after"][0]), int(record["query"]["time_before"][0])
+        when = datetime.fromisoformat(record["time"])
+        body = expected_consumption_v3(after, before, now=when, org_id=org_id)
+        replies.setdefault((org_id, _consumption_window(after, before, when)), set()).add(float(body["total_acus"]))
+    served_acus = _by_org_window_of(served["devin_consumption_acus"])
+    for (org, window), value in sorted(acus.items()):
+        owners: list[str | None] = list(stack.profile.org_sets[org].org_ids) or [None]
+        candidates = [replies.get((owner, window), set()) for owner in owners]
+        assert all(candidates), f"no recent consumption call of {owners} for {(org, window)}"
+        sums = {round(math.fsum(parts), 2) for parts in itertools.product(*candidates)}
+        assert round(value, 2) in sums, (f"Prometheus has {value} ACUs for {(org, window)}, no sum of recent "
+                                         f"replies: {sorted(sums)[-5:]}")
+        assert round(served_acus[(org, window)], 2) in sums, (org, window, served_acus[(org, window)])
+
+    # Active users: one call per set and window, named by its org_ids.
+    by_filter = {tuple(sorted(spec.org_ids)): name for name, spec in stack.profile.org_sets.items()
+                 if stack.profile.polls("active_users", name)}
+    counted: dict[tuple[str, str], set[float]] = {}
+    for record in requests:
+        if record["path"] != ACTIVE_USERS_PATH:
+            continue
+        query = record["query"]
+        org = by_filter[tuple(sorted(query.get("org_ids", [])))]
+        after, before = int(query["time_after"][0]), int(query["time_before"][0])
+        window = next(w for w, seconds in WINDOW_SECONDS.items() if seconds == before - after)
+        body = expected_active_users(query.get("org_ids", []), after, before,
+                                     now=datetime.fromisoformat(record["time"]),
+                                     min_sessions=int(query["min_sessions"][0]),
+                                     min_searches=int(query["min_searches"][0]))
+        counted.setdefault((org, window), set()).add(float(body["active_users"]))
+    served_users = _by_org_window_of(served["devin_usage_active_users"])
+    for key, value in sorted(users.items()):
+        assert value in counted.get(key, set()), (key, value, counted.get(key))
+        assert served_users[key] in counted[key], (key, served_users[key], counted[key])
+
+    # The queue: its size and, as a state set, the status of one recent reply.
+    queues = [expected_queue(datetime.fromisoformat(r["time"])) for r in requests if r["path"] == QUEUE_PATH]
+    assert queues, "no recent queue call"
+    assert len(queue_size) == 1
+    shown = {(queue_size[0], status) for status, value in queue_status.items() if value == 1}
+    assert len(shown) == 1 and set(queue_status) >= {"normal", "elevated", "high"}, queue_status
+    assert shown <= {(float(q["queue_size"]), q["status"]) for q in queues}, (shown, queues[-3:])
 
 
 @V3_ONLY
