@@ -18,6 +18,7 @@ Everything waits by polling with a deadline; nothing sleeps a fixed time to let 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -60,13 +61,22 @@ from exporter.simulator import (
     DEFAULT_ORGANIZATIONS,
     USAGE_PATH,
     billing_cycle,
+    expected_active_users,
+    expected_consumption_v3,
     expected_prs,
+    expected_queue,
     expected_searches,
     expected_sessions,
     expected_usage,
     parse_datetime,
 )
 from exporter.simulator.v3 import PRS_PATH, SEARCHES_PATH, SESSIONS_PATH
+
+# The v3 paths of SPEC §10 the cost, adoption and queue collectors call, written out here.
+CONSUMPTION_PATH: Final = "/v3/enterprise/consumption/daily"
+ORG_CONSUMPTION_PATH: Final = CONSUMPTION_PATH + "/organizations/"
+ACTIVE_USERS_PATH: Final = "/v3/enterprise/metrics/active-users"
+QUEUE_PATH: Final = "/v3/enterprise/queue"
 
 PROMETHEUS: Final = shutil.which("prometheus")
 
@@ -112,6 +122,7 @@ class StackProfile:
     simulator_args: tuple[str, ...]
     org_sets: Mapping[str, OrgSetSpec]  # every org set the exporter polls, discovered ones included
     collectors: tuple[str, ...]  # the collectors the config enables
+    consumption_windows: tuple[str, ...] = ()  # collectors.consumption.windows: every set's, replacing its own
 
     @property
     def series_keys(self) -> frozenset[tuple[str, str]]:
@@ -127,14 +138,38 @@ class StackProfile:
                          if not (self.version == "v3" and metric == "devin_usage_searches"
                                  and self.org_sets[org].user_ids))
 
+    def polls(self, collector: str, org: str) -> bool:
+        """Whether `collector` has schedules for org set `org` (README: What is not published, and why):
+        the active-users endpoint takes no user_ids, and no consumption endpoint takes org_ids and
+        user_ids together; such a set gets no schedule, so no devin_collector_up either."""
+        spec = self.org_sets[org]
+        if collector == "active_users":
+            return not spec.user_ids
+        if collector == "consumption":
+            return not (spec.org_ids and spec.user_ids)
+        return True
+
+    def keys_of(self, collector: str) -> frozenset[tuple[str, str]]:
+        """(org set, window) of every series of a per-window collector the stack enables."""
+        if collector not in self.collectors:
+            return frozenset()
+        return frozenset(
+            (org, window) for org, spec in self.org_sets.items() if self.polls(collector, org)
+            for window in (self.consumption_windows if collector == "consumption" else spec.windows))
+
     def collector_keys(self) -> set[tuple[str, str | None]]:
         """(collector, org set) of every devin_collector_up series; enterprise-level ones have no org set."""
         keys: set[tuple[str, str | None]] = set()
         for collector in CATALOGUE:
             if collector.name in self.collectors:
-                owners = [None] if collector.scope == "enterprise" else list(self.org_sets)
+                owners = [None] if collector.scope == "enterprise" else [
+                    org for org in self.org_sets if self.polls(collector.name, org)]
                 keys |= {(collector.name, owner) for owner in owners}
         return keys
+
+    def enterprise_collectors(self) -> set[str]:
+        """The enabled collectors without an org set (organizations, queue)."""
+        return {c.name for c in CATALOGUE if c.name in self.collectors and c.scope == "enterprise"}
 
     def unpublished(self) -> frozenset[str]:
         """Families of the catalogue this stack's exporter cannot publish: those of collectors it does
@@ -211,11 +246,16 @@ V3_ORG_SETS: Final = {
        for name, org_id in DISCOVERED.items()},
 }
 
-# The collectors of SPEC §10 this stack checks, each on the usage collector's 2 s schedule; the
-# others are off (consumption's windows and filters need expectations of their own).
-V3_ENABLED: Final = ("usage", "organizations")
-V3_COLLECTORS: Final = "\n".join(f"  {c.name}: {{enabled: {str(c.name in V3_ENABLED).lower()}, interval: 2s}}"
-                                  for c in CATALOGUE)
+# Every collector of SPEC §10 on the usage collector's 2 s schedule, so the cost, adoption and
+# queue panels and rules have data within seconds. Consumption polls its own windows for every set
+# (replacing the sets' lists): a calendar one, one usage also polls (7d: ACUs per merged PR), and
+# the cycle's (the budget rules); 30d would only add requests.
+V3_ENABLED: Final = tuple(c.name for c in CATALOGUE)
+V3_CONSUMPTION_WINDOWS: Final = ("today", "7d", "billing_cycle")
+V3_COLLECTORS: Final = "\n".join(
+    f"  {c.name}: {{enabled: {str(c.name in V3_ENABLED).lower()}, interval: 2s"
+    + (f", windows: [{', '.join(V3_CONSUMPTION_WINDOWS)}]" if c.name == "consumption" else "") + "}"
+    for c in CATALOGUE)
 V3_EXPORTER_CONFIG: Final = """\
 api:
   base_url: {base_url}
@@ -223,7 +263,7 @@ api:
   timeout: 2s
   retries: 0
   max_concurrency: 8
-  max_requests_per_second: 100   # ~30 calls/s: usage is three calls per window, the lists are paged
+  max_requests_per_second: 100   # ~50 calls/s: usage is three calls per window, consumption one per org
 poll:
   interval: 2s
   jitter: 0
@@ -256,7 +296,7 @@ server:
 PROFILES: Final = {
     "v2": StackProfile("v2", EXPORTER_CONFIG, DEFAULT_DEMO_KEY, (), ORG_SETS, ("usage",)),
     "v3": StackProfile("v3", V3_EXPORTER_CONFIG, V3_TOKEN, ("--v3-token", V3_TOKEN), V3_ORG_SETS,
-                       V3_ENABLED),
+                       V3_ENABLED, V3_CONSUMPTION_WINDOWS),
 }
 # A test of one stack only; the module-scoped fixture is still shared with the other tests of that stack.
 V2_ONLY: Final = pytest.mark.parametrize("stack", ["v2"], indirect=True)
@@ -351,15 +391,23 @@ def _by_org_window(result: list[dict[str, Any]]) -> dict[tuple[str, str], float]
     return {(s["metric"]["org"], s["metric"]["window"]): float(s["value"][1]) for s in result}
 
 
+# The per-window families of the other collectors, each checked like the usage ones.
+WINDOWED: Final = {"devin_consumption_acus": "consumption", "devin_usage_active_users": "active_users"}
+
+
 def _wait_for_series(stack: Stack, timeout: float) -> None:
-    """Until Prometheus has every (org set, window) usage series, devin_up and devin_collector_up are 1
-    for every org set and collector, and (with the organizations collector) every organization is listed."""
+    """Until Prometheus has every (org set, window) usage, consumption and active-users series, devin_up
+    and devin_collector_up are 1 for every org set and collector, (with the organizations collector)
+    every organization is listed, and (with the queue collector) the queue is there."""
     profile = stack.profile
 
     def probe() -> bool:
         for metric in USAGE_METRICS.values():
             keys = set(_by_org_window(stack.prom.query(metric)))
             assert keys == profile.usage_keys(metric), (metric, sorted(keys))
+        for metric, collector in WINDOWED.items():
+            keys = set(_by_org_window(stack.prom.query(metric)))
+            assert keys == profile.keys_of(collector), (metric, sorted(keys))
         up = {s["metric"]["org"]: float(s["value"][1]) for s in stack.prom.query("devin_up")}
         assert up == dict.fromkeys(profile.org_sets, 1.0), up
         collectors = {(s["metric"]["collector"], s["metric"].get("org")): float(s["value"][1])
@@ -368,6 +416,8 @@ def _wait_for_series(stack: Stack, timeout: float) -> None:
         if "organizations" in profile.collectors:
             listed = stack.prom.query("devin_organization_info")
             assert len(listed) == len(DEFAULT_ORGANIZATIONS), listed
+        if "queue" in profile.collectors:
+            assert len(stack.prom.query("devin_queue_size")) == 1
         return True
 
     wait_until("every usage series in Prometheus and every org set and collector up", probe,
@@ -402,7 +452,9 @@ def test_prometheus_scrapes_the_exporter(stack: Stack) -> None:
     assert target["labels"]["job"] == JOB
     assert target["scrapeUrl"] == stack.exporter_url + "/metrics"
     assert target["lastError"] == ""
-    up = stack.prom.query(f'up{{job="{JOB}"}}')
+    # The targets API can report the scrape before its samples are committed: wait for them too.
+    up = wait_until("the scrape's up sample", lambda: stack.prom.query(f'up{{job="{JOB}"}}'),
+                    timeout=10, processes=stack.processes)
     assert [float(s["value"][1]) for s in up] == [1.0]
 
 
@@ -677,6 +729,101 @@ def test_v3_organization_series_equal_what_the_api_lists(stack: Stack) -> None:
         assert _served(served.get(name, [])) == series, name
 
 
+def _consumption_window(after: int, before: int, at: datetime) -> str:
+    """The consumption window a request's bounds mean (V3_CONSUMPTION_WINDOWS; poll.timezone UTC)."""
+    if before - after == WINDOW_SECONDS["7d"]:
+        return "7d"
+    if after == billing_cycle(at)[0].timestamp():
+        return "billing_cycle"
+    midnight = datetime.fromtimestamp(before, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    assert after == midnight.timestamp(), (after, before, at)
+    return "today"
+
+
+def _by_org_window_of(samples: list[tuple[Mapping[str, str], float]]) -> dict[tuple[str, str], float]:
+    return {(labels["org"], labels["window"]): value for labels, value in samples}
+
+
+@V3_ONLY
+def test_v3_cost_adoption_and_queue_series_equal_what_the_api_returned(stack: Stack) -> None:
+    # As the usage tests: the values Prometheus holds at one instant, and those the exporter serves,
+    # must each be what recent calls returned, recomputed exactly from the simulator's request log.
+    # A set's ACUs are the sum of its organizations' replies (one call each), so they must equal the
+    # sum of one recent reply per organization; active users and the queue are one call each.
+    _wait_for_series(stack, timeout=30)
+    at = time.time()
+    acus = {(s["metric"]["org"], s["metric"]["window"]): float(s["value"][1])
+            for s in stack.prom.query("devin_consumption_acus", at=at)}
+    users = {(s["metric"]["org"], s["metric"]["window"]): float(s["value"][1])
+             for s in stack.prom.query("devin_usage_active_users", at=at)}
+    queue_size = [float(s["value"][1]) for s in stack.prom.query("devin_queue_size", at=at)]
+    queue_status = {s["metric"]["status"]: float(s["value"][1]) for s in stack.prom.query("devin_queue_status", at=at)}
+    # The products of one reply add up to its total, so they must in Prometheus at one instant too.
+    by_product: dict[tuple[str, str], float] = {}
+    for sample in stack.prom.query("devin_consumption_acus_by_product", at=at):
+        key = (sample["metric"]["org"], sample["metric"]["window"])
+        by_product[key] = by_product.get(key, 0.0) + float(sample["value"][1])
+    served = stack.exporter_metrics()
+    requests = [r for r in http_json("GET", stack.simulator_url + "/-/requests")  # fetched last
+                if r["status"] == 200 and datetime.fromisoformat(r["time"]).timestamp() >= at - 30]
+
+    assert set(acus) == set(by_product) == stack.profile.keys_of("consumption")
+    assert set(users) == stack.profile.keys_of("active_users")
+    for key, total in acus.items():
+        assert math.isclose(by_product[key], total, abs_tol=0.005 * 4), (key, by_product[key], total)
+
+    # Consumption: (owner, window) -> totals recent calls returned; owner is an org id, or None for
+    # the enterprise endpoint (a set without filters).
+    replies: dict[tuple[str | None, str], set[float]] = {}
+    for record in requests:
+        path = record["path"]
+        if path != CONSUMPTION_PATH and not path.startswith(ORG_CONSUMPTION_PATH):
+            continue
+        org_id = path.removeprefix(ORG_CONSUMPTION_PATH) if path != CONSUMPTION_PATH else None
+        after, before = int(record["query"]["time_after"][0]), int(record["query"]["time_before"][0])
+        when = datetime.fromisoformat(record["time"])
+        body = expected_consumption_v3(after, before, now=when, org_id=org_id)
+        replies.setdefault((org_id, _consumption_window(after, before, when)), set()).add(float(body["total_acus"]))
+    served_acus = _by_org_window_of(served["devin_consumption_acus"])
+    for (org, window), value in sorted(acus.items()):
+        owners: list[str | None] = list(stack.profile.org_sets[org].org_ids) or [None]
+        candidates = [replies.get((owner, window), set()) for owner in owners]
+        assert all(candidates), f"no recent consumption call of {owners} for {(org, window)}"
+        sums = {round(math.fsum(parts), 2) for parts in itertools.product(*candidates)}
+        assert round(value, 2) in sums, (f"Prometheus has {value} ACUs for {(org, window)}, no sum of recent "
+                                         f"replies: {sorted(sums)[-5:]}")
+        assert round(served_acus[(org, window)], 2) in sums, (org, window, served_acus[(org, window)])
+
+    # Active users: one call per set and window, named by its org_ids.
+    by_filter = {tuple(sorted(spec.org_ids)): name for name, spec in stack.profile.org_sets.items()
+                 if stack.profile.polls("active_users", name)}
+    counted: dict[tuple[str, str], set[float]] = {}
+    for record in requests:
+        if record["path"] != ACTIVE_USERS_PATH:
+            continue
+        query = record["query"]
+        org = by_filter[tuple(sorted(query.get("org_ids", [])))]
+        after, before = int(query["time_after"][0]), int(query["time_before"][0])
+        window = next(w for w, seconds in WINDOW_SECONDS.items() if seconds == before - after)
+        body = expected_active_users(query.get("org_ids", []), after, before,
+                                     now=datetime.fromisoformat(record["time"]),
+                                     min_sessions=int(query["min_sessions"][0]),
+                                     min_searches=int(query["min_searches"][0]))
+        counted.setdefault((org, window), set()).add(float(body["active_users"]))
+    served_users = _by_org_window_of(served["devin_usage_active_users"])
+    for key, value in sorted(users.items()):
+        assert value in counted.get(key, set()), (key, value, counted.get(key))
+        assert served_users[key] in counted[key], (key, served_users[key], counted[key])
+
+    # The queue: its size and, as a state set, the status of one recent reply.
+    queues = [expected_queue(datetime.fromisoformat(r["time"])) for r in requests if r["path"] == QUEUE_PATH]
+    assert queues, "no recent queue call"
+    assert len(queue_size) == 1
+    shown = {(queue_size[0], status) for status, value in queue_status.items() if value == 1}
+    assert len(shown) == 1 and set(queue_status) >= {"normal", "elevated", "high"}, queue_status
+    assert shown <= {(float(q["queue_size"]), q["status"]) for q in queues}, (shown, queues[-3:])
+
+
 @V3_ONLY
 def test_v3_discovery_polls_every_organization_beside_the_configured_sets(stack: Stack) -> None:
     assert sorted(DISCOVERED.values()) == sorted(o.org_id for o in DEFAULT_ORGANIZATIONS)
@@ -705,6 +852,53 @@ def _rules_in_file() -> dict[str, dict[str, str]]:
         }
         for group in document["groups"]
     }
+
+
+def _recorded() -> dict[str, str]:
+    """Recording rule name -> its expression, as the shipped file declares them."""
+    document = yaml.safe_load(RULES_FILE.read_text())
+    return {rule["record"]: rule["expr"] for group in document["groups"] for rule in group["rules"]
+            if "record" in rule}
+
+
+def _rule_names(text: str) -> set[str]:
+    """Recording rule names in an expression (level:metric:operations, with colons)."""
+    return set(re.findall(r"(?<![\w:])[a-z_][a-z0-9_]*:[a-z0-9_:]+(?![\w:])", text))
+
+
+def _reads(expr: str) -> set[str]:
+    """The exporter's metrics an expression reads, directly or through the recording rules it uses."""
+    rules = _recorded()
+    names: set[str] = set()
+    seen: set[str] = set()
+    todo = [expr]
+    while todo:  # bounded: each rule is expanded once
+        text = todo.pop()
+        names |= _metric_names(text)
+        for rule in (_rule_names(text) & set(rules)) - seen:
+            seen.add(rule)
+            todo.append(rules[rule])
+    return names
+
+
+# The shipped default of devin:threshold:acu_budget_used_ratio (DevinACUBudgetNearlyUsed).
+ACU_BUDGET_USED_RATIO: Final = 0.9
+
+
+def _alerts_the_data_calls_for(stack: Stack) -> set[tuple[str, str | None]]:
+    """(alert, org set) of the alerts about the simulated data itself, which a healthy exporter
+    rightly raises: the simulator's queue goes high every afternoon (UTC), and an org set can pass
+    90 % of its cycle limit near the end of a long cycle. Read from the raw series, not the rules."""
+    expected: set[tuple[str, str | None]] = set()
+    if any(float(s["value"][1]) == 1 for s in stack.prom.query('devin_queue_status{status="high"}')):
+        expected.add(("DevinQueueHigh", None))
+    used = {s["metric"]["org"]: float(s["value"][1]) for s in stack.prom.query(
+        'max by (org) (devin_consumption_acus{window="billing_cycle"})')}
+    limits = {s["metric"]["org"]: float(s["value"][1]) for s in stack.prom.query(
+        "max by (org) (devin_acu_cycle_limit)")}
+    expected |= {("DevinACUBudgetNearlyUsed", org) for org, limit in limits.items()
+                 if limit > 0 and used.get(org, 0.0) / limit >= ACU_BUDGET_USED_RATIO}
+    return expected
 
 
 def _loaded_rules(stack: Stack) -> dict[str, dict[str, dict[str, Any]]]:
@@ -738,24 +932,45 @@ def test_every_shipped_rule_evaluates_cleanly(stack: Stack) -> None:
             assert rule["health"] == "ok", (name, rule)
             assert not rule.get("lastError"), (name, rule["lastError"])
 
-    # Recording rules that need no history return data against a fresh Prometheus; the
-    # week-over-week ones need `offset 1w` data and stay empty here (their health is checked above).
-    for group in loaded.values():
-        for name, rule in group.items():
-            if rule["type"] != "recording" or "offset" in rule["query"]:
-                continue
+    # Every recording rule returns data against a fresh Prometheus, except the week-over-week ones
+    # (they need `offset 1w` data; their health is checked above) and those reading a collector the
+    # stack does not enable, which must return nothing. The burn-rate rules need the cycle's ACUs to
+    # have moved between two scrapes (increase() > 0 for days_left): a few seconds of polls.
+    unpublished = stack.profile.unpublished()
+    recording = {name: rule["query"] for group in loaded.values() for name, rule in group.items()
+                 if rule["type"] == "recording" and "offset" not in rule["query"]}
+    silent = {name for name, query in recording.items() if _reads(query) & unpublished}
+
+    def all_recorded() -> bool:
+        for name in sorted(recording):
             result = stack.prom.query(name)
-            assert result, f"recording rule {name} ({rule['query']}) returned no data"
+            if name in silent:
+                assert not result, f"recording rule {name} returns data without its collector: {result}"
+                continue
+            assert result, f"recording rule {name} ({recording[name]}) returned no data"
             assert all(math.isfinite(float(s["value"][1])) for s in result), (name, result)
+        return True
+
+    wait_until("every recording rule to return data", all_recorded, timeout=30, processes=stack.processes)
+    if stack.profile.version == "v3":  # every collector runs: no rule is silent there
+        assert not silent, silent
     ratio = _by_org_window(stack.prom.query("org_window:devin_usage_pr_merge_ratio:ratio"))
     assert ratio and set(ratio) <= stack.profile.series_keys and all(0 <= v <= 1 for v in ratio.values()), ratio
 
     if not stack.faulted:
-        # A healthy exporter fires nothing (DevinExporterAbsent may be pending for an instant
-        # right after start-up, before the first scrape, hence the wait).
-        wait_until("no Devin alert pending or firing while all is healthy",
-                   lambda: not stack.prom.get("/api/v1/alerts")["alerts"],
-                   timeout=15, processes=stack.processes)
+        # A healthy exporter fires nothing but the alerts the simulated data itself calls for
+        # (DevinExporterAbsent may be pending for an instant right after start-up, before the first
+        # scrape, and the queue's status changes once in a while, hence the wait for one moment
+        # at which the alerts and the data agree).
+        def only_what_the_data_calls_for() -> bool:
+            alerts = {(a["labels"]["alertname"], a["labels"].get("org"))
+                      for a in stack.prom.get("/api/v1/alerts")["alerts"]}
+            expected = _alerts_the_data_calls_for(stack)
+            assert alerts == expected, (alerts, expected)
+            return True
+
+        wait_until("no Devin alert pending or firing while all is healthy, but those the data calls for",
+                   only_what_the_data_calls_for, timeout=15, processes=stack.processes)
 
 
 # ---------------------------------------------------------------------------------- dashboard
@@ -802,17 +1017,24 @@ def test_dashboard_is_importable_as_is() -> None:
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     rows = [p["title"] for p in panels if p["type"] == "row"]
-    assert rows == ["Usage", "Pull requests", "Organizations", "Exporter health"]
+    assert rows == ["Usage", "Pull requests", "Cost", "Adoption", "Queue", "Organizations", "Exporter health"]
     for panel in panels:
         if panel["type"] == "row":
             continue
-        assert panel["type"] in {"timeseries", "stat", "table", "bargauge"}, panel["type"]
+        assert panel["type"] in {"timeseries", "stat", "table", "bargauge", "gauge"}, panel["type"]
         assert panel.get("description", "").strip(), f"panel {panel['title']!r} has no description"
         assert panel["targets"], f"panel {panel['title']!r} has no query"
         assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
 
     exprs = [target["expr"] for _, target in _dashboard_targets(dashboard)]
     assert any("org_window:devin_usage_pr_merge_ratio:ratio" in e for e in exprs)
+    # A recording rule renamed or dropped from the rules file would leave its panels empty.
+    used = set().union(*(_rule_names(e) for e in exprs))
+    assert used >= {"org:devin_acu_cycle_limit:used_ratio", "org:devin_acu_cycle_limit:days_left",
+                    "org:devin_consumption_acus:projected_cycle_end",
+                    "org_window:devin_consumption_acus_per_merged_pr:ratio",
+                    "org_window:devin_usage_sessions_per_active_user:ratio"}, used
+    assert used <= set(_recorded()), f"not in {RULES_FILE.name}: {sorted(used - set(_recorded()))}"
     for expr in exprs:
         # A fresh Prometheus has no week of history: such queries would show nothing.
         assert "offset" not in expr and ":wow_change" not in expr, expr
@@ -844,6 +1066,7 @@ class FaultObservations:
     down_in_prometheus: set[str]
     collectors_down: set[tuple[str, str | None]]  # (collector, org set) with devin_collector_up 0
     pending: dict[str, dict[str, Any]]  # org set -> its DevinExporterDown alert
+    collector_down: dict[str, dict[str, Any]]  # enterprise-level collector -> its DevinCollectorDown alert
     exporter_errors: dict[str, float]  # org set -> server_error count the exporter served
 
 
@@ -883,6 +1106,21 @@ def fault_cycle(stack: Stack) -> FaultObservations:
     alerts = wait_until("DevinExporterDown pending for every org set", pending,
                         timeout=deadline - time.monotonic(), processes=stack.processes)
 
+    def collector_down_pending() -> dict[str, dict[str, Any]] | None:
+        # With every collector of a set failing, DevinExporterDown pages for the set, not one
+        # DevinCollectorDown per collector (those pend only while the first polls fail and others
+        # still work); the enterprise-level collectors have no set and page on their own.
+        found = [a for a in stack.prom.get("/api/v1/alerts")["alerts"]
+                 if a["labels"]["alertname"] == "DevinCollectorDown"]
+        by_collector = {a["labels"]["collector"]: a for a in found if not a["labels"].get("org")}
+        if len(by_collector) == len(found) and set(by_collector) == stack.profile.enterprise_collectors():
+            return by_collector
+        return None
+
+    collector_down = wait_until("DevinCollectorDown pending for the enterprise-level collectors only",
+                                collector_down_pending, timeout=deadline - time.monotonic(),
+                                processes=stack.processes)
+
     def errors_rate() -> bool:
         # Two scrapes of the error counters, so rate() over them has data. Enterprise-level
         # collectors' counters have no org label: they are no org set's.
@@ -900,11 +1138,11 @@ def fault_cycle(stack: Stack) -> FaultObservations:
 
     http_json("DELETE", stack.simulator_url + "/-/faults")
     _wait_for_series(stack, timeout=30)
-    wait_until("DevinExporterDown to leave pending once polls succeed again",
+    wait_until("DevinExporterDown and DevinCollectorDown to leave pending once polls succeed again",
                lambda: not [a for a in stack.prom.get("/api/v1/alerts")["alerts"]
-                            if a["labels"]["alertname"] == "DevinExporterDown"],
+                            if a["labels"]["alertname"] in ("DevinExporterDown", "DevinCollectorDown")],
                timeout=20, processes=stack.processes)
-    return FaultObservations(down_orgs, down_collectors, alerts, exporter_errors)
+    return FaultObservations(down_orgs, down_collectors, alerts, collector_down, exporter_errors)
 
 
 def test_failing_api_makes_devin_exporter_down_pending(stack: Stack, fault_cycle: FaultObservations) -> None:
@@ -919,6 +1157,11 @@ def test_failing_api_makes_devin_exporter_down_pending(stack: Stack, fault_cycle
         assert float(alert["value"]) == 0.0
     assert set(fault_cycle.exporter_errors) == org_sets
     assert all(count >= 1 for count in fault_cycle.exporter_errors.values())
+    assert set(fault_cycle.collector_down) == stack.profile.enterprise_collectors()
+    for collector, alert in fault_cycle.collector_down.items():
+        assert alert["state"] == "pending" and alert["labels"]["severity"] == "warning"
+        assert collector in alert["annotations"]["summary"]
+        assert float(alert["value"]) == 0.0
 
 
 def _metric_names(text: str) -> set[str]:
@@ -939,7 +1182,7 @@ def test_every_dashboard_query_returns_data(stack: Stack, fault_cycle: FaultObse
         expr = substitute(target["expr"], DASHBOARD_VARIABLES)
         result = stack.prom.query(expr, at=now)  # asserts status success: the expression parses
         values = [float(s["value"][1]) for s in result]
-        if _metric_names(target["expr"]) & unpublished:
+        if _reads(target["expr"]) & unpublished:  # through the recording rules it uses, too
             assert not result, f"{title} [{target['refId']}] shows data without its collector: {result}"
             continue
         if "group_left (org_name)" in target["expr"]:  # an org id's panel: its name is joined in
