@@ -20,7 +20,7 @@ from exporter.config import Config, ConfigError, OrgSet
 from exporter.discovery import discovered_sets
 from exporter.exposition import Exposition
 from exporter.plan import ScheduleKey, plan_of, prepare
-from exporter.poller import Poller
+from exporter.poller import Poller, ScheduleChange, schedule_change
 from exporter.snapshot import ENTERPRISE, Result, Snapshot
 from exporter.transport import Transport, new_session
 
@@ -130,9 +130,15 @@ class Exporter:
         so polls and scrapes go on meanwhile; the result is applied on the event loop.
         """
         async with self._reloading:  # SIGHUP and POST /-/reload: one at a time, each sees the last
-            return self._apply(await asyncio.to_thread(_try_load, load))
+            running = self.config
+            loaded = await asyncio.to_thread(_try_load, load, running if self._discovered == () else None)
+            return self._apply(loaded)
 
-    def _apply(self, loaded: Config | str) -> bool:
+    def _apply(self, prepared: tuple[Config, ScheduleChange | None] | str) -> bool:
+        if isinstance(prepared, str):
+            loaded: Config | str = prepared
+        else:
+            loaded, change = prepared
         if isinstance(loaded, str):
             self.reload_status.successful = False
             self.last_reload_error = loaded
@@ -147,7 +153,7 @@ class Exporter:
         elif not loaded.discovery.organizations:
             self._discovered = ()
         config = self._running(loaded)
-        self._switch(config)
+        self._switch(config, change)
         self._freeze("reload")
         if self._unpolled is not None:  # a reload during the first cycle: what the new config has yet to poll
             snap = self.snapshot
@@ -162,9 +168,9 @@ class Exporter:
     def _running(self, base: Config) -> Config:
         return base.with_org_sets(self._discovered) if self._discovered else base
 
-    def _switch(self, config: Config) -> None:
+    def _switch(self, config: Config, change: ScheduleChange | None = None) -> None:
         if self._poller is not None:
-            self._poller.apply_config(config)
+            self._poller.apply_config(config, change)  # (a change made for another config is not used)
         else:  # a SIGHUP during start-up, before the poller exists: start with the new config
             self._initial_config = config
             self._empty = Snapshot.empty(config)
@@ -228,12 +234,14 @@ class Exporter:
                      extra={**{k: v for k, v in changes.items() if v}, "org_sets": len(self.config.org_sets)})
 
 
-def _try_load(load: Callable[[], Config]) -> Config | str:
-    """The config `load` returns, or the one log line that says why there is none."""
+def _try_load(load: Callable[[], Config], running: Config | None = None) -> tuple[Config, ScheduleChange | None] | str:
+    """The config `load` returns, with what it changes in the schedules of the `running` config
+    (if that is the one it will replace), or the one log line that says why there is none."""
     try:
         config = load()
         prepare(config)  # built here, off the event loop: ~0.2 s at 1,000 org sets
-        return config
+        # And compared with the running config's schedules here, too: ~0.2 s more at 12,000.
+        return config, schedule_change(running, config) if running is not None else None
     except ConfigError as exc:
         return f"config reload failed; keeping the running config: {exc}"
     except Exception as exc:
