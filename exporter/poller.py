@@ -168,7 +168,7 @@ class Poller:
         if change is None or change.old is not self.snapshot.config or change.new is not config:
             change = schedule_change(self.snapshot.config, config)
         self._transport.update_settings(config.api)
-        self.snapshot = self.snapshot.with_config(config, set(change.kept))
+        self.snapshot = self.snapshot.with_config(config, change.kept)
         if self._runner is not None:
             # The running schedules are the old config's (start() made them, each switch keeps them so).
             self._sync_schedules(change.removed, change.added)

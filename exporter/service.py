@@ -132,7 +132,18 @@ class Exporter:
         async with self._reloading:  # SIGHUP and POST /-/reload: one at a time, each sees the last
             running = self.config
             loaded = await asyncio.to_thread(_try_load, load, running if self._discovered == () else None)
+            if not isinstance(loaded, str):
+                await self._prepare(*loaded)
             return self._apply(loaded)
+
+    async def _prepare(self, config: Config, change: ScheduleChange | None) -> None:
+        """Render /metrics for the new config before switching to it (Exposition.prepare), so that
+        the scrapes after the switch do not wait for that; for the usual case (discovery off)."""
+        poller = self._poller
+        if (poller is None or change is None or change.old is not poller.snapshot.config
+                or config.discovery.organizations or self._discovered):
+            return
+        await self.exposition.prepare(poller.snapshot.with_config(config, change.kept))
 
     def _apply(self, prepared: tuple[Config, ScheduleChange | None] | str) -> bool:
         if isinstance(prepared, str):
