@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.once:
         return _run(_once(config))
-    return _run(serve(Exporter(config), load))
+    return _run(serve(Exporter(config, freeze_gc=True), load))
 
 
 def _run(coro: Coroutine[object, object, int]) -> int:

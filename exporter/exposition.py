@@ -224,6 +224,15 @@ class _Segment:
         self._columns = {name: _Column(column) for name, column in cells.items()}
         self._reorder()
 
+    def fresh(self) -> _Segment:
+        """An empty segment of the same families, to `reset` while this one is still in use."""
+        segment = _Segment({})
+        segment._skeleton = self._skeleton
+        segment._headers = dict(self._headers)
+        segment._order = list(self._skeleton)
+        segment._interned = self._interned
+        return segment
+
     def replace(self, index: int, chunk: _Chunk) -> None:
         old = self.chunks[index]
         self.chunks[index] = chunk
@@ -278,6 +287,18 @@ class _Deflated:
     blocks: bytes
     crc: int
     size: int
+
+
+@dataclass(eq=False)
+class _Prepared:
+    """A format's usage and health segments rendered for a config about to be switched to (see
+    Exposition.prepare), kept aside until the switch: the running config's stay as they are."""
+
+    snapshot: Snapshot  # of the new config, with the results of just before the switch
+    valid_from: float
+    valid_until: float
+    usage: _Segment
+    health: _Segment
 
 
 @dataclass(eq=False)
@@ -375,6 +396,7 @@ class _Format:
         # Raw block -> its deflate, for the blocks of the newest body: a block that did not change
         # is the same bytes object in the next body, found here by identity before equality.
         self.deflated: dict[bytes, bytes] = {}
+        self.pending: _Prepared | None = None  # rendered for the config a reload is about to switch to
 
     def render(self, families: Sequence[Metric]) -> dict[str, tuple[bytes, bytes]]:
         encoder = self._fast if self._fast is not None and _legacy_names(families) else self.encoder
@@ -537,6 +559,32 @@ class Exposition:
             if fmt.body is not None and self._kept(fmt, now, every):
                 await self._body(fmt, gzip=fmt.gzip, plain=fmt.plain)
 
+    async def prepare(self, snap: Snapshot) -> None:
+        """Render, before a reload switches to `snap`'s config, what its bodies need of it.
+
+        Called with the snapshot the switch will make (the new config, the results it keeps), for
+        the formats kept up to date: their org sets are rendered for the new config now, in slices,
+        while scrapes go on getting the running config's bodies. After the switch, a scrape then
+        waits only for the org sets whose results came in meanwhile (and the API counters), not
+        for the re-render of every org set the reload changed (~0.2 s at 1,000 org sets) — and a
+        scrape still never gets a body of the old config after the switch, nor a mix of both.
+        """
+        every = self._refresh_every
+        if every is None:
+            return
+        for fmt in list(self._formats.values()):
+            if fmt.body is None or not fmt.splittable or not self._kept(fmt, self._monotonic(), every):
+                continue
+            async with fmt.lock:
+                self._slice_started = time.perf_counter()
+                now = self._clock()
+                try:
+                    usage, health = await self._reconfigured(fmt, fmt.body, snap, now)
+                except _Unsplittable:
+                    fmt.splittable = False
+                    continue
+                fmt.pending = _Prepared(snap, *_validity(usage.chunks), usage, health)
+
     @staticmethod
     def _kept(fmt: _Format, now: float, every: float) -> bool:
         """Scraped at least twice, and last less than two of its scrape intervals ago (at most
@@ -681,51 +729,37 @@ class Exposition:
         config, collector, previous = snap.config, self._collector, fmt.body
         # Org sets, then the enterprise-level collectors' results under their own name (ENTERPRISE).
         owners = plan_of(config).owners
-
-        def render_usage(index: int) -> _Chunk:
-            families, horizon = collector.data_families(snap, (owners[index],), now)
-            return _Chunk(fmt.render(families), now, horizon)
-
-        def render_health(index: int) -> _Chunk:
-            families = collector.health_families(snap, (owners[index],))
-            return _Chunk(fmt.render(families))
-
         plan = plan_of(config)
-        if previous is None or previous.snapshot.config is not config or now < previous.valid_from:
-            # A reload (or the first render): org sets whose schedules, labels and results are as
-            # they were keep their bytes, so a reload at 1,000 org sets re-renders only what changed.
-            kept = self._unchanged(previous, snap, plan) if previous is not None and now >= previous.valid_from else {}
-            usage: list[_Chunk] = []
-            health: list[_Chunk] = []
-            for index, owner in enumerate(owners):
-                old_index = kept.get(owner)
-                if old_index is not None:
-                    usage.append(fmt.usage.take(old_index))
-                    health.append(fmt.health.take(old_index))
-                    continue
-                usage.append(render_usage(index))
-                await self._rendered(1)
-                health.append(render_health(index))
-                await self._rendered(1)
-            names = list(owners)
-            fmt.usage.reset(names, usage)
-            fmt.health.reset(list(names), health)
+        base: _Body | _Prepared | None = previous
+        pending = fmt.pending
+        if pending is not None and (previous is None or previous.snapshot.config is not config):
+            fmt.pending = None  # the switch happened: to the config prepared for, or to another one
+            if pending.snapshot.config is config and now >= pending.valid_from:
+                fmt.usage, fmt.health = pending.usage, pending.health
+                base = pending  # what changed since it was prepared is re-rendered below
+        if base is None or base.snapshot.config is not config or now < base.valid_from:
+            # A reload (or the first render) not prepared for.
+            fmt.usage, fmt.health = await self._reconfigured(fmt, previous, snap, now)
         else:
             # Same config: the same org sets in the same order; find what differs from the last body.
-            old, new = previous.snapshot.results, snap.results
+            old, new = base.snapshot.results, snap.results
+
+            def render_usage(index: int) -> _Chunk:
+                families, horizon = collector.data_families(snap, (owners[index],), now)
+                return _Chunk(fmt.render(families), now, horizon)
+
             changed = {i for i, name in enumerate(fmt.usage.names) if new.get(name) is not old.get(name)}
             expired = set()  # past the horizon: usage series to drop; the health series stay as they are
-            if now > previous.valid_until:
+            if now > base.valid_until:
                 expired = {i for i, c in enumerate(fmt.usage.chunks) if now > c.valid_until}
             for index in sorted(changed | expired):
                 fmt.usage.replace(index, render_usage(index))
                 await self._rendered(1)
                 if index in changed:
-                    fmt.health.replace(index, render_health(index))
+                    families = collector.health_families(snap, (owners[index],))
+                    fmt.health.replace(index, _Chunk(fmt.render(families)))
                     await self._rendered(1)
-        chunks = fmt.usage.chunks
-        valid_from = max((c.valid_from for c in chunks), default=-math.inf)
-        valid_until = min((c.valid_until for c in chunks), default=math.inf)
+        valid_from, valid_until = _validity(fmt.usage.chunks)
 
         items = list(self._stats.items())
         if [name for name, _ in items] != fmt.api.names:  # a reload added or removed org sets
@@ -736,6 +770,7 @@ class Exposition:
                 rendered = fmt.api.chunks[index].stats if index >= 0 else None
                 if rendered is not None and rendered[0] is stats and rendered[1] == stats.version:
                     api.append(fmt.api.take(index))
+                    await self._pause()
                     continue
                 families = collector.api_families([(name, stats)])
                 api.append(_Chunk(fmt.render(families), stats=(stats, stats.version)))
@@ -755,8 +790,41 @@ class Exposition:
         return _Body(snap, version, valid_from, valid_until, current_at, parts, plan)
 
 
-    @staticmethod
-    def _unchanged(previous: _Body, snap: Snapshot, plan: Plan) -> dict[str, int]:
+    async def _reconfigured(self, fmt: _Format, previous: _Body | None, snap: Snapshot,
+                            now: float) -> tuple[_Segment, _Segment]:
+        """The usage and health segments for `snap`, whose config is not `previous`'s (a reload, or
+        the first render): org sets whose schedules, labels and results are as they were keep
+        their bytes, so a reload at 1,000 org sets re-renders only what changed. The format's own
+        segments are only read: the caller puts these in their place."""
+        collector = self._collector
+        plan = plan_of(snap.config)
+        owners = plan.owners
+        kept: dict[str, int] = {}
+        if previous is not None and now >= previous.valid_from:
+            kept = await self._unchanged(previous, snap, plan)
+        usage: list[_Chunk] = []
+        health: list[_Chunk] = []
+        for owner in owners:
+            old_index = kept.get(owner)
+            if old_index is not None:
+                usage.append(fmt.usage.take(old_index))
+                health.append(fmt.health.take(old_index))
+                await self._pause()
+                continue
+            families, horizon = collector.data_families(snap, (owner,), now)
+            usage.append(_Chunk(fmt.render(families), now, horizon))
+            await self._rendered(1)
+            health.append(_Chunk(fmt.render(collector.health_families(snap, (owner,)))))
+            await self._rendered(1)
+        names = list(owners)
+        usage_segment, health_segment = fmt.usage.fresh(), fmt.health.fresh()
+        usage_segment.reset(names, usage)
+        await self._pause()
+        health_segment.reset(list(names), health)
+        await self._pause()
+        return usage_segment, health_segment
+
+    async def _unchanged(self, previous: _Body, snap: Snapshot, plan: Plan) -> dict[str, int]:
         """Org set name -> its index in `previous`, for the org sets whose rendering under the new
         config would be byte for byte the old one: the same set (name, filters, labels), the same
         schedules and the very same results. Nothing, if something all org sets' lines show changed
@@ -770,6 +838,7 @@ class Exposition:
         old_owners = {owner: i for i, owner in enumerate(previous.plan.owners)}
         kept: dict[str, int] = {}
         for org_set in config.org_sets:
+            await self._pause()  # ~30 us an org set: 30 ms at 1,000
             name = org_set.name
             index = old_owners.get(name)
             if index is None or old_sets.get(name) != org_set or previous.plan.of(name) != plan.of(name):
@@ -779,6 +848,12 @@ class Exposition:
                 kept[name] = index
         kept.pop(ENTERPRISE, None)  # its derived series (an org set's ACU limit) depend on every org set
         return kept
+
+
+def _validity(chunks: Sequence[_Chunk]) -> tuple[float, float]:
+    """When a body of these usage chunks starts and stops being valid: its staleness horizon."""
+    return (max((c.valid_from for c in chunks), default=-math.inf),
+            min((c.valid_until for c in chunks), default=math.inf))
 
 
 def _gzip_whole(data: bytes) -> bytes:

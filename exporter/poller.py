@@ -23,7 +23,7 @@ from exporter.config import Config, OrgSet, Window
 from exporter.cycle import BillingCycle
 from exporter.fetch import fetch_points
 from exporter.plan import ScheduleKey, plan_of
-from exporter.snapshot import ENTERPRISE, Result, Snapshot
+from exporter.snapshot import ENTERPRISE, Result, Slot, Snapshot
 from exporter.transport import ApiError, Transport
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,32 @@ async def points_at(transport: Transport, key: ScheduleKey, now: datetime, cycle
     """Every point a poll of the schedule at `now` gives; ApiError if a call finally failed."""
     query = await query_at(key, now, cycle)
     return await fetch_points(transport, COLLECTORS[key.collector], key.version, key.org_set or None, key, query)
+
+
+@dataclass(frozen=True, eq=False)
+class ScheduleChange:
+    """What switching from config `old` to `new` does to the schedules; made by `schedule_change`,
+    in a reload's worker thread, so that the event loop does not compare 12,000 keys (~0.2 s)."""
+
+    old: Config
+    new: Config
+    kept: frozenset[tuple[str, Slot]]  # (org set, slot)s whose results survive: the same question
+    removed: tuple[ScheduleKey, ...]  # old schedules the new config does not have
+    added: tuple[ScheduleKey, ...]  # new schedules, enterprise-level ones first
+
+
+def schedule_change(old: Config, new: Config) -> ScheduleChange:
+    old_keys, new_keys = plan_of(old).keys, plan_of(new).keys
+    # Values survive when the same question is asked of the API; a schedule whose interval
+    # changed gets a new schedule (new timing) but keeps its last values and devin_up.
+    identities = {k.query_identity() for k in new_keys}
+    kept = frozenset((k.org_set, k.slot) for k in old_keys if k.query_identity() in identities)
+    old_set, new_set = set(old_keys), set(new_keys)
+    removed = tuple(k for k in old_keys if k not in new_set)
+    # Enterprise-level schedules first (for schedules due together): discovery and the billing
+    # cycle other schedules send come from the organizations collector's result.
+    added = tuple(sorted((k for k in new_keys if k not in old_set), key=lambda k: k.org_set != ENTERPRISE))
+    return ScheduleChange(old, new, kept, removed, added)
 
 
 @dataclass(eq=False)
@@ -135,31 +161,39 @@ class Poller:
         """True while the scheduler runs (for /healthz)."""
         return self._runner is not None and not self._runner.done()
 
-    def apply_config(self, config: Config) -> None:
-        """Switch to a new config: unchanged schedules keep their timing and values."""
-        old = plan_of(self.snapshot.config).keys
-        new = {k.query_identity() for k in plan_of(config).keys}
-        # Values survive when the same question is asked of the API; a schedule whose interval
-        # changed gets a new schedule (new timing) but keeps its last values and devin_up.
-        kept = {(k.org_set, k.slot) for k in old if k.query_identity() in new}
-        self._transport.update_settings(config.api)
-        self.snapshot = self.snapshot.with_config(config, kept)
-        if self._runner is not None:
-            self._sync_schedules()
+    def apply_config(self, config: Config, change: ScheduleChange | None = None) -> None:
+        """Switch to a new config: unchanged schedules keep their timing and values.
 
-    def _sync_schedules(self) -> None:
+        `change` is `schedule_change(running config, config)` if made beforehand (off the event loop)."""
+        if change is None or change.old is not self.snapshot.config or change.new is not config:
+            change = schedule_change(self.snapshot.config, config)
+        self._transport.update_settings(config.api)
+        self.snapshot = self.snapshot.with_config(config, change.kept)
+        if self._runner is not None:
+            # The running schedules are the old config's (start() made them, each switch keeps them so).
+            self._sync_schedules(change.removed, change.added)
+
+    def _sync_schedules(self, removed: tuple[ScheduleKey, ...] | None = None,
+                        added: tuple[ScheduleKey, ...] | None = None) -> None:
+        """Stop the `removed` schedules and start the `added` ones; without them, make the
+        schedules the running config's plan."""
         poll = self.snapshot.config.poll
-        wanted = plan_of(self.snapshot.config).keys
-        wanted_set = set(wanted)
-        for key in [k for k in self._schedules if k not in wanted_set]:
-            schedule = self._schedules.pop(key)
+        if removed is None or added is None:
+            wanted = plan_of(self.snapshot.config).keys
+            wanted_set = set(wanted)
+            removed = tuple(k for k in self._schedules if k not in wanted_set)
+            # Enterprise-level schedules first (for schedules due together): discovery and the billing
+            # cycle other schedules send come from the organizations collector's result.
+            added = tuple(sorted(wanted, key=lambda k: k.org_set != ENTERPRISE))
+        for key in removed:
+            schedule = self._schedules.pop(key, None)
+            if schedule is None:
+                continue
             schedule.removed = True
             if schedule.poll is not None:
                 schedule.poll.cancel()
         now = self._monotonic()
-        # Enterprise-level schedules first (for schedules due together): discovery and the billing
-        # cycle other schedules send come from the organizations collector's result.
-        for key in sorted(wanted, key=lambda k: k.org_set != ENTERPRISE):
+        for key in added:
             if key not in self._schedules:
                 # Spread first polls over the jitter span so a restart does not burst the API.
                 schedule = Schedule(key, now + self._random() * poll.jitter * key.interval)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Final, TypeVar
@@ -75,10 +76,15 @@ class Snapshot:
         outer[org_set] = MappingProxyType(inner)
         return Snapshot(self.config, MappingProxyType(outer))
 
-    def with_config(self, config: Config, kept: set[tuple[str, Slot]]) -> Snapshot:
+    def with_config(self, config: Config, kept: AbstractSet[tuple[str, Slot]]) -> Snapshot:
         """The snapshot under a new config, keeping only the results of the `kept` (org set, slot)s."""
         outer: dict[str, Mapping[Slot, Result]] = {}
         for name in (ENTERPRISE, *(s.name for s in config.org_sets)):
             old = self.results.get(name, _EMPTY)
-            outer[name] = MappingProxyType({slot: r for slot, r in old.items() if (name, slot) in kept})
+            if isinstance(old, MappingProxyType) and all((name, slot) in kept for slot in old):
+                # Kept whole: the same object, so that what was rendered from it stays valid for
+                # the new config's snapshot too (see Exposition.prepare), as after a poll result.
+                outer[name] = old
+            else:
+                outer[name] = MappingProxyType({slot: r for slot, r in old.items() if (name, slot) in kept})
         return Snapshot(config, MappingProxyType(outer))

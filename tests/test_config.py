@@ -1325,6 +1325,39 @@ def test_duplicate_nested_key_rejected(tmp_path: Path) -> None:
     reject("org_sets:\n  - name: a\n    org_ids: [x]\n    name: b\n", tmp_path, "", "line 4", "duplicate key 'name'")
 
 
+@pytest.mark.parametrize("text", [
+    "poll:\n  interval: 5m\norg_sets: [\n  {name: a}\n  {name: b}\n",  # a syntax error
+    "org_sets:\n  - name: a\n   bad: x\n",  # indentation
+    "org_sets:\n\t- name: a\n",  # a tab
+    "poll: {interval: 1m}\npoll: {interval: 2m}\n",  # a duplicate key
+    "a: &x {b: 1}\nc: *y\n",  # an unknown alias
+    "a: [1, 2\n",  # unclosed
+    "a: !!python/object:os.system {}\n",  # an unsafe tag
+    "[" * 2000 + "]" * 2000 + "\n",  # nested too deeply
+])
+def test_libyaml_and_pure_loader_say_the_same(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast (libyaml) loader parses; every error is still worded, and placed, as PyYAML's own loader does."""
+    from exporter import yamldoc
+
+    def message() -> str:
+        with pytest.raises(ConfigError) as caught:
+            yamldoc.parse_yaml(text, "c.yaml")
+        return str(caught.value)
+
+    fast = message()
+    monkeypatch.setattr(yamldoc, "_FastLoader", None)
+    assert fast == message()
+
+
+def test_libyaml_loader_reads_what_the_pure_loader_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from exporter import yamldoc
+
+    text = EXAMPLE.read_text() + "x: &a {b: [1, 2.5, '3', null, true, 2024-01-01]}\ny: {<<: *a, c: ~}\n"
+    fast = yamldoc.parse_yaml(text, "c.yaml")
+    monkeypatch.setattr(yamldoc, "_FastLoader", None)
+    assert fast == yamldoc.parse_yaml(text, "c.yaml")
+
+
 @pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "---\n", "null\n", "~\n"])
 def test_empty_file_rejected(text: str, tmp_path: Path) -> None:
     reject(text, tmp_path, "", "empty")

@@ -461,6 +461,35 @@ async def test_a_late_body_is_never_sent_across_a_reload_or_past_a_staleness_hor
         assert labels(org="set-0000", window="1h") not in parse_samples(body).get("devin_usage_sessions", {})
 
 
+async def test_a_prepared_reload_is_rendered_before_the_switch_and_never_mixed_with_the_old_config(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The service prepares a reload's bodies (Exposition.prepare) before it switches: meanwhile
+    # scrapes get the old config's body, and after the switch only what changed since is rendered.
+    monkeypatch.setattr(exposition_module, "RENDERS_PER_YIELD", 1)  # yield after every chunk
+    rig = Rig(_config(_many(20)))
+    rig.succeed_all()
+    async with _Refreshing(rig):
+        before = gzip.decompress(await _scraped_regularly(rig, gzip=True))
+        new_config = _config(_many(20).replace("- name: set-0004", "- name: set-0004\n  labels: {team: x}")
+                             + "\n- name: set-new")
+        kept = {(s.name, ("usage", w.name)) for s, w in usage_schedules(rig.snapshot)}
+        preparing = asyncio.create_task(rig.exposition.prepare(rig.snapshot.with_config(new_config, kept)))
+        await asyncio.sleep(0)
+        assert not preparing.done()
+        during = gzip.decompress(await rig.scrape(OPENMETRICS, gzip=True))  # the old config's body, whole
+        assert _cached_part(during) == _cached_part(before) and b"set-new" not in during
+        await preparing
+        rig.succeed("set-0007", "1h", {**VALUES, "sessions_count": 42})  # a poll between prepare and switch
+        renders = rig.exposition.renders
+        rig.reload(new_config)
+        after = gzip.decompress(await rig.scrape(OPENMETRICS, gzip=True)).decode()
+        # set-0007's usage and health chunks, and the API counters of the new set only.
+        assert rig.exposition.renders - renders == 2 + 1
+        assert 'org="set-new"' in after and 'team="x"' in after
+        assert _sessions(after.encode(), "set-0007") == 42
+        await _assert_same_as_registry(rig)
+
+
 async def test_a_body_sent_while_the_next_is_being_rendered_is_intact(monkeypatch: pytest.MonkeyPatch) -> None:
     # The segments change in place while a render runs; a body already made must not change with
     # them: its gzip CRC and every line must stay those of the moment it was rendered.

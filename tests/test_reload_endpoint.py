@@ -6,16 +6,18 @@ operator (or a config-reloader sidecar) would.
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Final
 
 import aiohttp
 import bcrypt
 import pytest
-from helpers import T0, config_text, labels
+from helpers import T0, config_text, labels, wait_until
 from v3_support import V3_TOKEN, Rig, Rigs, of_org
 
 from exporter.config import Config, load_config
+from exporter.service import Exporter
 
 TWO_SETS: Final = """
 - name: enterprise
@@ -89,6 +91,27 @@ async def test_post_reload_applies_the_new_config(rigs: Rigs, tmp_path: Path) ->
     file.write(NEW_SETS, server="")
     assert (await post_reload(rig))[0] == 200
     assert (await post_reload(rig))[0] == 403
+
+
+async def test_the_daemon_freezes_the_heap_after_its_first_cycle_and_after_each_applied_reload(
+        rigs: Rigs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc.freeze(), so that a full collection does not scan the config and snapshot (see Exporter._freeze)."""
+    freezes: list[None] = []
+    monkeypatch.setattr(gc, "freeze", lambda: freezes.append(None))
+    defaults = Exporter.__init__.__kwdefaults__
+    assert defaults is not None
+    monkeypatch.setitem(defaults, "freeze_gc", True)  # as the daemon (cli) makes it
+    file = ConfigFile(tmp_path)
+    rig = await start(rigs, file)  # returns once every schedule has polled
+    await wait_until(lambda: freezes, what="the freeze after the first cycle")
+    assert len(freezes) == 1
+    file.write(NEW_SETS)
+    assert await post_reload(rig) == (200, "config reloaded\n")
+    assert len(freezes) == 2
+    await rig.wait_polled("the new org set's first poll")
+    file.write("org_sets: [")
+    assert (await post_reload(rig))[0] == 500
+    assert len(freezes) == 2  # a rejected reload changes nothing, and the first cycle is long done
 
 
 @pytest.mark.parametrize("broken, reason", [
