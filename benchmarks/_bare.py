@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import sys
 from pathlib import Path
 
+from _serve import serve_until_signalled
 from aiohttp import web
 
 Bodies = dict[str, tuple[bytes, dict[str, str]]]
@@ -32,16 +32,7 @@ async def serve(bodies: Bodies) -> None:
 
     app = web.Application()
     app.router.add_get("/{name}", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    print(f"bare listening on http://127.0.0.1:{runner.addresses[0][1]}", flush=True)
-    await stop.wait()
-    await runner.cleanup()
+    await serve_until_signalled(app, "bare")
 
 
 if __name__ == "__main__":

@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import signal
 import sys
 
-from aiohttp import web
+from _serve import serve_until_signalled
 
 from exporter.simulator import REQUESTS_KEY, Faults, Organization, create_app
 
@@ -35,17 +34,7 @@ async def serve(args: argparse.Namespace) -> None:
     app = create_app(api_key=args.api_key, v3_token=args.v3_token, faults=Faults(latency=args.latency),
                      organizations=organizations(args.organizations), page_size=PAGE_SIZE)
     app[REQUESTS_KEY] = collections.deque(maxlen=RECORDED)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    print(f"simulator listening on http://127.0.0.1:{runner.addresses[0][1]}", flush=True)
-    await stop.wait()
-    await runner.cleanup()
+    await serve_until_signalled(app, "simulator")
 
 
 def main() -> int:
