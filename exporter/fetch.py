@@ -21,18 +21,8 @@ async def fetch_points(transport: Transport, collector: Collector, version: Vers
     are in flight. A failure of one fails the poll: a schedule publishes all its families or none.
     """
     plan = collector.plan(version, filters)
-    results = await _together([call_endpoint(transport, collector, e, org_set, query) for e in plan])
-    points: list[Point] = []
-    failure: BaseException | None = None
-    for result in results:
-        if isinstance(result, BaseException):
-            # An ApiError says what the API did; anything else is a bug and goes first.
-            if failure is None or (isinstance(failure, ApiError) and not isinstance(result, ApiError)):
-                failure = result
-        else:
-            points += result
-    if failure is not None:
-        raise failure
+    parts = await _together([call_endpoint(transport, collector, e, org_set, query) for e in plan])
+    points = [p for part in parts for p in part]
     collector.check(points)
     return tuple(points)
 
@@ -50,27 +40,24 @@ async def call_endpoint(transport: Transport, collector: Collector, endpoint: An
             items = [await transport.get(request, endpoint.read)]
         return list(endpoint.points(items, query))
 
-    if len(requests) == 1:
-        return await one(0)
     parts = await _together([one(i) for i in range(len(requests))])
-    for part in parts:
-        if isinstance(part, BaseException):
-            raise part
-    return sum_points(p for part in parts if not isinstance(part, BaseException) for p in part)
+    return parts[0] if len(parts) == 1 else sum_points(p for part in parts for p in part)
 
 
-async def _together(calls: list[Coroutine[Any, Any, T]]) -> list[T | BaseException]:
-    """Run the calls concurrently, each result or exception in order.
+async def _together(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run the calls concurrently and return their results in order, once every one has ended.
 
-    A single call runs in the caller's task; more get tasks named after the caller ("poll
-    usage/team/7d call 2"), so a task count can tell a poll's parts from anything that leaks.
+    If any failed, raise one of the failures: an ApiError says what the API did, anything else is
+    a bug and goes first. A single call runs in the caller's task; more get tasks named after the
+    caller ("poll usage/team/7d call 2"), so a task count can tell a poll's parts from a leak.
     """
     if len(calls) == 1:
-        try:
-            return [await calls[0]]
-        except Exception as error:  # handed back, as gather(return_exceptions=True) would
-            return [error]
+        return [await calls[0]]
     current = asyncio.current_task()
     parent = current.get_name() if current is not None else "fetch"
     tasks = [asyncio.create_task(call, name=f"{parent} call {i}") for i, call in enumerate(calls)]
-    return list(await asyncio.gather(*tasks, return_exceptions=True))
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        raise next((f for f in failures if not isinstance(f, ApiError)), failures[0])
+    return [r for r in results if not isinstance(r, BaseException)]
