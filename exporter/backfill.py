@@ -25,6 +25,7 @@ from typing import Final, TextIO
 
 from exporter.catalogue import CATALOGUE, COLLECTORS
 from exporter.catalogue.declare import Point, Query
+from exporter.catalogue.declare import format_unix_rfc3339 as _iso  # in messages naming a moment
 from exporter.catalogue.organizations import organizations
 from exporter.clocks import Clocks
 from exporter.collector import extra_family, family_help, series_labels
@@ -90,10 +91,6 @@ def parse_step(text: str) -> float:
         raise BackfillError(f"--step {text}: a step must divide a day (1m, 5m, 15m, 1h, 6h, ...) or be whole "
                             "days (1d, 7d), so that step ends fall at the same times every day")
     return step
-
-
-def _iso(at: float) -> str:
-    return datetime.fromtimestamp(at, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def step_ends(start: datetime, end: datetime, step: float, now: float) -> range:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
-from exporter.catalogue.declare import AnyEndpoint, Point, Query, Version
+from exporter.catalogue.declare import AnyEndpoint, Point, Query, Version, format_unix_rfc3339
 from exporter.catalogue.organizations import CYCLE_END, CYCLE_START, ORGANIZATIONS, V2_CYCLES, V3_CYCLES
 from exporter.fetch import call_endpoint
 from exporter.transport import ApiError, ErrorReason, Transport
@@ -90,9 +90,5 @@ class BillingCycle:
             raise ApiError(ErrorReason.INVALID_RESPONSE,
                            "the billing cycles endpoint lists no cycle that holds the current time"
                            if at is None else
-                           f"the billing cycles endpoint lists no cycle that holds {_iso(at)}")
+                           f"the billing cycles endpoint lists no cycle that holds {format_unix_rfc3339(at)}")
         return cycle[0]
-
-
-def _iso(at: float) -> str:
-    return datetime.fromtimestamp(at, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -98,6 +98,11 @@ def format_rfc3339(dt: datetime) -> str:
     return utc.isoformat() + "Z"
 
 
+def format_unix_rfc3339(at: float) -> str:
+    """A Unix time as format_rfc3339 writes it, for messages that name a moment."""
+    return format_rfc3339(datetime.fromtimestamp(at, tz=UTC))
+
+
 def unix_bounds(start: datetime, end: datetime) -> tuple[int, int]:
     """(time_after, time_before): each bound cut to its whole Unix second. A trailing window of whole
     seconds stays exactly its length apart; a start on a whole second (a billing cycle's, a
