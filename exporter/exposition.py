@@ -171,13 +171,20 @@ class _Column:
 
     __slots__ = ("blocks", "ends")
 
-    def __init__(self, cells: list[bytes]) -> None:
+    def __init__(self, cells: list[bytes] | None = None) -> None:
         self.blocks: list[bytes] = []
         self.ends: list[list[int]] = []
+        for _ in self.fill(cells or []):
+            pass
+
+    def fill(self, cells: list[bytes]) -> Iterator[None]:
+        """Append `cells` as blocks, stopping after each block so that a caller can let the event
+        loop run: a whole segment at 1,000 org sets is megabytes, ~50 ms to join in one go."""
         for start in range(0, len(cells), BLOCK_CHUNKS):
             block = cells[start:start + BLOCK_CHUNKS]
             self.blocks.append(b"".join(block))
             self.ends.append(list(itertools.accumulate(map(len, block))))
+            yield
 
     def set(self, index: int, samples: bytes) -> None:
         number, cell = divmod(index, BLOCK_CHUNKS)
@@ -208,7 +215,9 @@ class _Segment:
         self._order: list[str] = list(skeleton)
         self._interned: dict[tuple[str, ...], tuple[str, ...]] = {}
 
-    def reset(self, names: list[str], chunks: list[_Chunk]) -> None:
+    def reset(self, names: list[str], chunks: list[_Chunk]) -> Iterator[None]:
+        """Make this (fresh) segment hold `chunks`, stopping every few chunks and after each block
+        so that the caller can let the event loop run; done when exhausted (see Exposition._steps)."""
         self.names, self.chunks = names, chunks
         # A reload may change a header (the usage HELP text names the poll interval).
         self._headers = {name: self._headers[name] for name in self._skeleton}
@@ -221,7 +230,12 @@ class _Segment:
                     self._headers[name] = header
                 cells[name][index] = samples
             chunk.families = {}  # the column holds the bytes now
-        self._columns = {name: _Column(column) for name, column in cells.items()}
+            if index % BLOCK_CHUNKS == BLOCK_CHUNKS - 1:
+                yield
+        self._columns = {}
+        for name, column in cells.items():
+            self._columns[name] = _Column()
+            yield from self._columns[name].fill(column)
         self._reorder()
 
     def fresh(self) -> _Segment:
@@ -608,7 +622,7 @@ class Exposition:
         body = None
         if fmt is not None:
             fmt.gzip, fmt.plain = fmt.gzip or gzip, fmt.plain or not gzip
-            body = self._current(fmt, gzip) or await self._body(fmt, gzip=gzip, plain=not gzip)
+            body = self._current(fmt, gzip) or await self._body(fmt, gzip=gzip, plain=not gzip, scrape=True)
         if fmt is None or body is None:
             # Never expected; kept so that a change in prometheus_client cannot break /metrics.
             output = encoder(self.registry)
@@ -640,11 +654,19 @@ class Exposition:
                 and body.snapshot.config is self._snapshot().config
                 and body.valid_from <= self._clock() <= body.valid_until)
 
-    async def _body(self, fmt: _Format, *, gzip: bool, plain: bool) -> _Body | None:
-        """The format's body, up to date, with the encodings asked for made; None if it cannot be cached."""
+    async def _body(self, fmt: _Format, *, gzip: bool, plain: bool, scrape: bool = False) -> _Body | None:
+        """The format's body, up to date, with the encodings asked for made; None if it cannot be cached.
+
+        A `scrape` that waited for the lock takes the body made meanwhile if it may send one that
+        late (see _current): right after a reload, the background refresh is rendering the new
+        config's body, and the scrape must not then wait for one more render of the poll results
+        that came in while it waited."""
         async with fmt.lock:  # one render per content type at a time; a waiter reuses its result
             if not fmt.splittable:
                 return None
+            made = self._current(fmt, gzip) if scrape else None
+            if made is not None:
+                return made
             self._slice_started = time.perf_counter()  # a slice counts from here, not from the last yield
             body = fmt.body
             if body is not None and self._fresh_enough(body):
@@ -695,6 +717,11 @@ class Exposition:
             await self._pause()
         fmt.deflated = current
         return _Deflated(b"".join(blocks), crc, size)
+
+    async def _steps(self, steps: Iterator[None]) -> None:
+        """Run a piece of work written as a generator (see _Segment.reset), pausing between its steps."""
+        for _ in steps:
+            await self._pause()
 
     async def _pause(self) -> None:
         """Let the event loop run if this slice of rendering has had its SLICE_SECONDS."""
@@ -775,7 +802,9 @@ class Exposition:
                 families = collector.api_families([(name, stats)])
                 api.append(_Chunk(fmt.render(families), stats=(stats, stats.version)))
                 await self._rendered(1)
-            fmt.api.reset([name for name, _ in items], api)
+            api_segment = fmt.api.fresh()
+            await self._steps(api_segment.reset([name for name, _ in items], api))
+            fmt.api = api_segment
         else:
             old_api = fmt.api.chunks
             for index, (name, stats) in enumerate(items):
@@ -818,10 +847,8 @@ class Exposition:
             await self._rendered(1)
         names = list(owners)
         usage_segment, health_segment = fmt.usage.fresh(), fmt.health.fresh()
-        usage_segment.reset(names, usage)
-        await self._pause()
-        health_segment.reset(list(names), health)
-        await self._pause()
+        await self._steps(usage_segment.reset(names, usage))
+        await self._steps(health_segment.reset(list(names), health))
         return usage_segment, health_segment
 
     async def _unchanged(self, previous: _Body, snap: Snapshot, plan: Plan) -> dict[str, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from exporter.catalogue import CATALOGUE
+from exporter.catalogue import CATALOGUE, COLLECTORS
 from exporter.catalogue.declare import FILTERS, Collector, Version
 from exporter.config import Config, OrgSet, Window
 from exporter.snapshot import ENTERPRISE, Slot, Snapshot
@@ -64,6 +64,9 @@ class Plan:
     owners: tuple[str, ...] = field(default=())  # org set names, then ENTERPRISE if it has schedules
     # Enterprise-level series come from one replica only (shard 0), or every replica's would add up.
     publish_enterprise: bool = True
+    # Owner -> the collectors whose API counters start at 0 for it (see ApiStats.track); made
+    # with the plan, in a reload's worker thread, not on the event loop at the switch.
+    counted: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def of(self, owner: str) -> tuple[ScheduleKey, ...]:
         return self.by_owner.get(owner, ())
@@ -131,7 +134,18 @@ def build_plan(config: Config) -> Plan:
                 keys.append(key)
                 by_owner.setdefault(org_set.name, []).append(key)
     owners = (*(s.name for s in config.org_sets), *((ENTERPRISE,) if ENTERPRISE in by_owner else ()))
-    return Plan(tuple(keys), {o: tuple(k) for o, k in by_owner.items()}, tuple(notes), owners, publish)
+    return Plan(tuple(keys), {o: tuple(k) for o, k in by_owner.items()}, tuple(notes), owners, publish,
+                _counted(owners, by_owner))
+
+
+def _counted(owners: tuple[str, ...], by_owner: Mapping[str, list[ScheduleKey]]) -> dict[str, tuple[str, ...]]:
+    counted = {owner: tuple(dict.fromkeys(k.collector for k in by_owner.get(owner, ()))) for owner in owners}
+    # A billing_cycle window may ask the cycles endpoint itself (exporter/cycle.py), counted under
+    # the organizations collector's enterprise counters: they must exist when that collector is off.
+    if any(k.window is not None and k.window.kind == "billing_cycle" and k.version in
+           COLLECTORS[k.collector].cycle_bounds for keys in by_owner.values() for k in keys):
+        counted[ENTERPRISE] = tuple(dict.fromkeys((*counted.get(ENTERPRISE, ()), "organizations")))
+    return counted
 
 
 def _blocking(collector: Collector, version: Version, org_set: OrgSet, families: tuple[str, ...] = ()) -> str:

@@ -11,7 +11,7 @@ import heapq
 import itertools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -66,7 +66,7 @@ class ScheduleChange:
 
     old: Config
     new: Config
-    kept: frozenset[tuple[str, Slot]]  # (org set, slot)s whose results survive: the same question
+    kept: Mapping[str, frozenset[Slot]]  # org set -> the slots whose results survive: the same question
     removed: tuple[ScheduleKey, ...]  # old schedules the new config does not have
     added: tuple[ScheduleKey, ...]  # new schedules, enterprise-level ones first
 
@@ -76,7 +76,11 @@ def schedule_change(old: Config, new: Config) -> ScheduleChange:
     # Values survive when the same question is asked of the API; a schedule whose interval
     # changed gets a new schedule (new timing) but keeps its last values and devin_up.
     identities = {k.query_identity() for k in new_keys}
-    kept = frozenset((k.org_set, k.slot) for k in old_keys if k.query_identity() in identities)
+    kept_slots: dict[str, set[Slot]] = {}
+    for k in old_keys:
+        if k.query_identity() in identities:
+            kept_slots.setdefault(k.org_set, set()).add(k.slot)
+    kept = {org_set: frozenset(slots) for org_set, slots in kept_slots.items()}
     old_set, new_set = set(old_keys), set(new_keys)
     removed = tuple(k for k in old_keys if k not in new_set)
     # Enterprise-level schedules first (for schedules due together): discovery and the billing

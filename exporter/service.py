@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from prometheus_client import CollectorRegistry
 
-from exporter.catalogue import COLLECTORS
 from exporter.catalogue.organizations import organizations
 from exporter.clocks import Clocks
 from exporter.collector import ApiStats, ExporterCollector, ReloadStatus, build_registry
@@ -130,11 +129,22 @@ class Exporter:
         so polls and scrapes go on meanwhile; the result is applied on the event loop.
         """
         async with self._reloading:  # SIGHUP and POST /-/reload: one at a time, each sees the last
-            running = self.config
-            loaded = await asyncio.to_thread(_try_load, load, running if self._discovered == () else None)
-            if not isinstance(loaded, str):
-                await self._prepare(*loaded)
-            return self._apply(loaded)
+            # Loading makes hundreds of thousands of objects, enough to set off a full collection
+            # in the worker thread, which holds the GIL and so stops the event loop (~30 ms at
+            # 1,000 org sets). With the daemon's frozen heap (see _freeze), collections wait until
+            # the new config is applied and frozen: its objects are never scanned at all.
+            collecting = self._freeze_gc and gc.isenabled()
+            if collecting:
+                gc.disable()
+            try:
+                running = self.config
+                loaded = await asyncio.to_thread(_try_load, load, running if self._discovered == () else None)
+                if not isinstance(loaded, str):
+                    await self._prepare(*loaded)
+                return self._apply(loaded)
+            finally:
+                if collecting:
+                    gc.enable()
 
     async def _prepare(self, config: Config, change: ScheduleChange | None) -> None:
         """Render /metrics for the new config before switching to it (Exposition.prepare), so that
@@ -188,14 +198,8 @@ class Exporter:
         self._track(config)
 
     def _track(self, config: Config) -> None:
-        plan = plan_of(config)
-        collectors = {owner: dict.fromkeys(k.collector for k in plan.of(owner)) for owner in plan.owners}
-        # A billing_cycle window may ask the cycles endpoint itself (exporter/cycle.py), counted under
-        # the organizations collector's enterprise counters: they must exist when that collector is off.
-        if any(k.window is not None and k.window.kind == "billing_cycle" and k.version in
-               COLLECTORS[k.collector].cycle_bounds for k in plan.keys):
-            collectors.setdefault(ENTERPRISE, {})["organizations"] = None
-        self.stats.track(collectors, lambda owner: collectors[owner])
+        counted = plan_of(config).counted
+        self.stats.track(counted, counted.__getitem__)
 
     def _freeze(self, why: str) -> None:
         """gc.freeze(): what is alive now (the config, its plan and schedules, the snapshot's points:

@@ -94,14 +94,21 @@ class Rig:
             self.succeed(org_set.name, window.name, values)
 
     def reload(self, config: Config) -> None:
-        kept = {(s.name, ("usage", w.name)) for s, w in usage_schedules(self.snapshot)}
         self.config = config
-        self.snapshot = self.snapshot.with_config(config, kept)
+        self.snapshot = self.snapshot.with_config(config, _usage_slots(self.snapshot))
         self.stats.track(s.name for s in config.org_sets)
 
     async def scrape(self, accept: str = "", *, gzip: bool = False) -> bytes:
         parts, _ = await self.exposition.render(accept, gzip=gzip)
         return b"".join(parts)
+
+
+def _usage_slots(snap: Snapshot) -> dict[str, frozenset[tuple[str, str | None]]]:
+    """Org set -> its usage slots: what a reload that changes no schedule keeps."""
+    slots: dict[str, set[tuple[str, str | None]]] = {}
+    for org_set, window in usage_schedules(snap):
+        slots.setdefault(org_set.name, set()).add(("usage", window.name))
+    return {name: frozenset(kept) for name, kept in slots.items()}
 
 
 def _config(org_sets: str = TRICKY_SETS, **kw: object) -> Config:
@@ -472,8 +479,8 @@ async def test_a_prepared_reload_is_rendered_before_the_switch_and_never_mixed_w
         before = gzip.decompress(await _scraped_regularly(rig, gzip=True))
         new_config = _config(_many(20).replace("- name: set-0004", "- name: set-0004\n  labels: {team: x}")
                              + "\n- name: set-new")
-        kept = {(s.name, ("usage", w.name)) for s, w in usage_schedules(rig.snapshot)}
-        preparing = asyncio.create_task(rig.exposition.prepare(rig.snapshot.with_config(new_config, kept)))
+        preparing = asyncio.create_task(rig.exposition.prepare(rig.snapshot.with_config(new_config,
+                                                                                         _usage_slots(rig.snapshot))))
         await asyncio.sleep(0)
         assert not preparing.done()
         during = gzip.decompress(await rig.scrape(OPENMETRICS, gzip=True))  # the old config's body, whole
