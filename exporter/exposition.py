@@ -12,10 +12,13 @@ kept as bytes, per content type:
   series, until the earliest time one of them goes stale (the collector's injected clock decides,
   as it would uncached).
 - a *segment* (usage, health, API families): its chunks merged by family, kept as blocks of the
-  lines of ~16 org sets per family, so one org set's change rebuilds a few KiB.
-- a *body*: the segments' blocks at one moment, frozen, with what scrapes need made once: the
-  blocks joined into a few large pieces, and — for gzip — each block deflated with a sync flush
-  (a block that did not change reuses its previous deflate) and the CRC-32 of them all.
+  lines of ~16 org sets per family, so one org set's change rebuilds a few KiB. Blocks are kept
+  once by content across formats: text and OpenMetrics write the same sample lines here, so a
+  second format costs its headers, not a second copy of the megabytes.
+- a *body*: the segments' blocks at one moment, frozen, and — for gzip, made once — each block
+  deflated with a sync flush (a block that did not change reuses its previous deflate) and the
+  CRC-32 of them all. A plain scrape sends the blocks themselves, joined a few hundred KiB at a
+  time as it writes them: no joined copy of the body is kept.
 
 The exporter's own small families (build info, reload status, process_*, python_*) are rendered
 on every scrape. A gzip response is one gzip member: header, the body's deflate blocks, the fresh
@@ -88,8 +91,8 @@ RENDERS_PER_YIELD: Final = 32
 # last known to be up to date at most this long ago (so its results are at most this late),
 # instead of waiting for a render. Older (the background task fell behind), it waits.
 MAX_LAG_SECONDS: Final = 1.0
-# The joined pieces a plain scrape sends: large enough to be few, small enough to make one in
-# well under a slice.
+# What a large response is written in: its parts joined into pieces of about this size, one at a
+# time, so that a plain scrape copies a few hundred KiB at once rather than keep a joined body.
 PIECE_BYTES: Final = 256 * 1024
 
 _GZIP_HEADER: Final = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, OS unknown
@@ -169,11 +172,12 @@ class _Column:
     BLOCK_CHUNKS org sets with each org set's end offset, so one org set's lines are replaced by
     rebuilding a few KiB, and a scrape joins tens of blocks rather than thousands of pieces."""
 
-    __slots__ = ("blocks", "ends")
+    __slots__ = ("_shared", "blocks", "ends")
 
-    def __init__(self, cells: list[bytes] | None = None) -> None:
+    def __init__(self, shared: dict[bytes, bytes], cells: list[bytes] | None = None) -> None:
         self.blocks: list[bytes] = []
         self.ends: list[list[int]] = []
+        self._shared = shared  # see Exposition._blocks
         for _ in self.fill(cells or []):
             pass
 
@@ -182,7 +186,8 @@ class _Column:
         loop run: a whole segment at 1,000 org sets is megabytes, ~50 ms to join in one go."""
         for start in range(0, len(cells), BLOCK_CHUNKS):
             block = cells[start:start + BLOCK_CHUNKS]
-            self.blocks.append(b"".join(block))
+            joined = b"".join(block)
+            self.blocks.append(self._shared.setdefault(joined, joined))
             self.ends.append(list(itertools.accumulate(map(len, block))))
             yield
 
@@ -192,7 +197,8 @@ class _Column:
         start, end = ends[cell - 1] if cell else 0, ends[cell]
         if raw[start:end] == samples:
             return
-        self.blocks[number] = b"".join((raw[:start], samples, raw[end:]))
+        joined = b"".join((raw[:start], samples, raw[end:]))
+        self.blocks[number] = self._shared.setdefault(joined, joined)
         delta = len(samples) - (end - start)
         for k in range(cell, len(ends)):
             ends[k] += delta
@@ -206,7 +212,8 @@ class _Segment:
     chunk touches only its own lines.
     """
 
-    def __init__(self, skeleton: dict[str, tuple[bytes, bytes]]) -> None:
+    def __init__(self, skeleton: dict[str, tuple[bytes, bytes]], shared: dict[bytes, bytes]) -> None:
+        self._shared = shared  # blocks by content, across formats (see Exposition._blocks)
         self._skeleton = list(skeleton)  # families present even with no org set
         self._headers = {name: header for name, (header, _) in skeleton.items()}
         self.names: list[str] = []  # org sets, in output order
@@ -234,13 +241,13 @@ class _Segment:
                 yield
         self._columns = {}
         for name, column in cells.items():
-            self._columns[name] = _Column()
+            self._columns[name] = _Column(self._shared)
             yield from self._columns[name].fill(column)
         self._reorder()
 
     def fresh(self) -> _Segment:
         """An empty segment of the same families, to `reset` while this one is still in use."""
-        segment = _Segment({})
+        segment = _Segment({}, self._shared)
         segment._skeleton = self._skeleton
         segment._headers = dict(self._headers)
         segment._order = list(self._skeleton)
@@ -257,7 +264,7 @@ class _Segment:
         for name, (header, samples) in chunk.families.items():
             column = self._columns.get(name)
             if column is None:  # a family no org set had before (an extra API field)
-                column = self._columns[name] = _Column([b""] * len(self.chunks))
+                column = self._columns[name] = _Column(self._shared, [b""] * len(self.chunks))
                 self._headers[name] = header
             column.set(index, samples)
         chunk.families = {}
@@ -284,6 +291,10 @@ class _Segment:
                 for name in seen:
                     order.setdefault(name)
         self._order = list(order)
+
+    def blocks(self) -> Iterator[bytes]:
+        for column in self._columns.values():
+            yield from column.blocks
 
     def parts(self) -> Iterator[bytes]:
         """The segment's bytes as they stand, in pieces: each family's header lines, then its blocks."""
@@ -328,15 +339,14 @@ class _Body:
     current_at: float  # monotonic time it was last known to be up to date
     parts: tuple[bytes, ...]
     plan: Plan  # of snapshot.config, so a reload can tell which org sets' schedules stayed the same
-    pieces: tuple[bytes, ...] | None = None  # the parts joined into a few large ones, for plain scrapes
-    deflated: _Deflated | None = None  # for gzip scrapes
+    deflated: _Deflated | None = None  # for gzip scrapes; plain ones send `parts` as they are
 
     # gzip or not -> (the tail, the response parts made with it): the tail is the same bytes object
     # while its values are (see _Tail), and then so is the response; scrapes copy and compress nothing.
     responses: dict[bool, tuple[bytes, list[bytes]]] = field(default_factory=dict)
 
     def has(self, *, gzip: bool) -> bool:
-        return (self.deflated if gzip else self.pieces) is not None
+        return self.deflated is not None or not gzip
 
     def response(self, tail: bytes, *, gzip: bool) -> list[bytes]:
         """What a scrape sends: the body with `tail` after it, as one buffer unless it is large."""
@@ -350,8 +360,7 @@ class _Body:
         return parts
 
     def _plain_parts(self, tail: bytes) -> list[bytes]:
-        assert self.pieces is not None
-        return [*self.pieces, tail]
+        return [*self.parts, tail]
 
     def _gzip_parts(self, tail: bytes) -> list[bytes]:
         """One gzip member: the body's deflate blocks, then `tail` compressed."""
@@ -392,21 +401,20 @@ class _Format:
     """Everything cached for one negotiated content type."""
 
     def __init__(self, encoder: Encoder, collector: ExporterCollector, snap: Snapshot,
-                 fresh: Collector) -> None:
+                 fresh: Collector, shared: dict[bytes, bytes]) -> None:
         self.encoder = encoder
         self._fast = _fast_encoder(encoder)
         self.tail = _Tail(fresh, encoder)
         self._headers: dict[bytes, bytes] = {}
-        self.usage = _Segment({})
-        self.health = _Segment(self.render(collector.health_families(snap, ())))
-        self.api = _Segment(self.render(collector.api_families(())))
+        self.usage = _Segment({}, shared)
+        self.health = _Segment(self.render(collector.health_families(snap, ())), shared)
+        self.api = _Segment(self.render(collector.api_families(())), shared)
         self.body: _Body | None = None  # the newest finished body; its lines never change once set
         self.lock = asyncio.Lock()
         self.splittable = True
         self.last_used = -math.inf  # monotonic time a scrape last asked for this format
         self.gap: float | None = None  # seconds between its last two scrapes
         self.gzip = False  # whether one asked for it gzip-compressed
-        self.plain = False  # whether one asked for it uncompressed
         # Raw block -> its deflate, for the blocks of the newest body: a block that did not change
         # is the same bytes object in the next body, found here by identity before equality.
         self.deflated: dict[bytes, bytes] = {}
@@ -533,6 +541,11 @@ class Exposition:
         self._clock = clock
         self._fresh = _Fresh(collector, monotonic)
         self._formats: OrderedDict[str, _Format] = OrderedDict()
+        # Every block of every format's segments, by content: text and OpenMetrics write the same
+        # sample lines for this exporter's names, so the second format scraped (Prometheus, and a
+        # person with curl) holds no second copy of the megabytes. Pruned after renders (_prune).
+        self._blocks: dict[bytes, bytes] = {}
+        self._live_blocks = 0
         self.renders = 0  # chunks rendered since start; tests use it to see what a scrape re-rendered
         self._renders_since_yield = 0
         self._slice_started = time.perf_counter()  # CPU slices, not a clock the output depends on
@@ -571,7 +584,7 @@ class Exposition:
         now = self._monotonic()
         for fmt in list(self._formats.values()):
             if fmt.body is not None and self._kept(fmt, now, every):
-                await self._body(fmt, gzip=fmt.gzip, plain=fmt.plain)
+                await self._body(fmt, gzip=fmt.gzip)
 
     async def prepare(self, snap: Snapshot) -> None:
         """Render, before a reload switches to `snap`'s config, what its bodies need of it.
@@ -612,7 +625,7 @@ class Exposition:
         fmt = self._formats.get(content_type)
         if fmt is None:
             try:
-                fmt = _Format(encoder, self._collector, self._snapshot(), self._fresh)
+                fmt = _Format(encoder, self._collector, self._snapshot(), self._fresh, self._blocks)
             except _Unsplittable:
                 fmt = None
             else:
@@ -621,8 +634,8 @@ class Exposition:
                     self._formats.popitem(last=False)
         body = None
         if fmt is not None:
-            fmt.gzip, fmt.plain = fmt.gzip or gzip, fmt.plain or not gzip
-            body = self._current(fmt, gzip) or await self._body(fmt, gzip=gzip, plain=not gzip, scrape=True)
+            fmt.gzip = fmt.gzip or gzip
+            body = self._current(fmt, gzip) or await self._body(fmt, gzip=gzip, scrape=True)
         if fmt is None or body is None:
             # Never expected; kept so that a change in prometheus_client cannot break /metrics.
             output = encoder(self.registry)
@@ -654,7 +667,7 @@ class Exposition:
                 and body.snapshot.config is self._snapshot().config
                 and body.valid_from <= self._clock() <= body.valid_until)
 
-    async def _body(self, fmt: _Format, *, gzip: bool, plain: bool, scrape: bool = False) -> _Body | None:
+    async def _body(self, fmt: _Format, *, gzip: bool, scrape: bool = False) -> _Body | None:
         """The format's body, up to date, with the encodings asked for made; None if it cannot be cached.
 
         A `scrape` that waited for the lock takes the body made meanwhile if it may send one that
@@ -677,28 +690,25 @@ class Exposition:
                 except _Unsplittable:
                     fmt.splittable = False
                     return None
-            if plain and body.pieces is None:
-                body.pieces = await self._join(body.parts)
             if gzip and body.deflated is None:
                 body.deflated = await self._deflate_parts(fmt, body.parts)
             fmt.body = body  # only now: until here, scrapes that may lag send the previous one
+            self._prune()
             return body
 
-    async def _join(self, parts: Sequence[bytes]) -> tuple[bytes, ...]:
-        """`parts` joined into pieces of about PIECE_BYTES: a scrape then sends a few buffers."""
-        pieces: list[bytes] = []
-        group: list[bytes] = []
-        size = 0
-        for part in parts:
-            group.append(part)
-            size += len(part)
-            if size >= PIECE_BYTES:
-                pieces.append(b"".join(group))
-                group, size = [], 0
-                await self._pause()
-        if group or not pieces:
-            pieces.append(b"".join(group))
-        return tuple(pieces)
+    def _prune(self) -> None:
+        """Drop from the shared blocks those no segment holds any more, once they are a fifth of them
+        (each costs memory until then; a prune looks at every block, ~1 ms at 1,000 org sets)."""
+        if len(self._blocks) <= 1.25 * self._live_blocks + 256:
+            return
+        live: dict[bytes, bytes] = {}
+        for fmt in self._formats.values():
+            pending = fmt.pending
+            for segment in (fmt.usage, fmt.health, fmt.api, *((pending.usage, pending.health) if pending else ())):
+                live.update((block, block) for block in segment.blocks())
+        self._blocks.clear()
+        self._blocks.update(live)
+        self._live_blocks = len(live)
 
     async def _deflate_parts(self, fmt: _Format, parts: Sequence[bytes]) -> _Deflated:
         """`parts` as deflate blocks, compressing only those not in the previous body, and their CRC."""
@@ -889,6 +899,26 @@ def _gzip_whole(data: bytes) -> bytes:
                      struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF)])
 
 
+def _pieces(parts: Sequence[bytes]) -> Iterator[bytes]:
+    """`parts` in order, the small ones joined into pieces of about PIECE_BYTES (a large one alone)."""
+    group: list[bytes] = []
+    size = 0
+    for part in parts:
+        if len(part) >= PIECE_BYTES:
+            if group:
+                yield b"".join(group)
+                group, size = [], 0
+            yield part
+            continue
+        group.append(part)
+        size += len(part)
+        if size >= PIECE_BYTES:
+            yield b"".join(group)
+            group, size = [], 0
+    if group:
+        yield b"".join(group)
+
+
 def metrics_handler(exposition: Exposition) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """`/metrics`: text 0.0.4 or OpenMetrics by `Accept` (prometheus_client's negotiation), gzip
     when accepted; `?name[]=` filters go through prometheus_client's own (uncached) handler."""
@@ -906,13 +936,13 @@ def metrics_handler(exposition: Exposition) -> Callable[[web.Request], Awaitable
         if len(parts) == 1:  # at most STREAM_ABOVE bytes, joined once per body and tail (see _Body.response)
             return web.Response(body=parts[0], headers=headers)
         size = sum(map(len, parts))
-        # Large cached parts go out as they are: joining them would copy megabytes per scrape.
+        # Large cached parts go out a few at a time: joining them all would copy megabytes per scrape.
         response = web.StreamResponse(headers=headers)
         response.content_length = size
         await response.prepare(request)
         if request.method != "HEAD":
-            for part in parts:
-                await response.write(part)
+            for piece in _pieces(parts):
+                await response.write(piece)
         await response.write_eof()
         return response
 
