@@ -12,9 +12,8 @@ kept as bytes, per content type:
   series, until the earliest time one of them goes stale (the collector's injected clock decides,
   as it would uncached).
 - a *segment* (usage, health, API families): its chunks merged by family, kept as blocks of the
-  lines of ~16 org sets per family, so one org set's change rebuilds a few KiB. Blocks are kept
-  once by content across formats: text and OpenMetrics write the same sample lines here, so a
-  second format costs its headers, not a second copy of the megabytes.
+  lines of ~16 org sets per family, so one org set's change rebuilds a few KiB. Once two formats
+  are scraped, blocks are kept once by content across them (see _Shared).
 - a *body*: the segments' blocks at one moment, frozen, and — for gzip, made once — each block
   deflated with a sync flush (a block that did not change reuses its previous deflate) and the
   CRC-32 of them all. A plain scrape sends the blocks themselves, joined a few hundred KiB at a
@@ -45,7 +44,7 @@ import struct
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -167,6 +166,37 @@ class _Chunk:
         self.stats = stats
 
 
+class _Shared:
+    """Every block of every format's segments, by content, once a second format is scraped: text
+    and OpenMetrics write the same sample lines for this exporter's names, so the second format
+    (Prometheus, and a person with curl) holds no second copy of the megabytes. With one format it
+    holds nothing (one format gains nothing, and keeping replaced blocks until a prune costs)."""
+
+    __slots__ = ("blocks", "live", "on")
+
+    def __init__(self) -> None:
+        self.blocks: dict[bytes, bytes] = {}
+        self.live = 0  # how many were alive at the last prune
+        self.on = False
+
+    def one(self, block: bytes) -> bytes:
+        """`block`, or the equal block already kept."""
+        return self.blocks.setdefault(block, block) if self.on else block
+
+    def prune(self, segments: Iterable[_Segment]) -> None:
+        """Keep only the blocks of `segments`, once the others are a fifth of the table (each costs
+        memory until then; a prune looks at every block, ~1 ms at 1,000 org sets)."""
+        if self.on and len(self.blocks) > 1.25 * self.live + 256:
+            self.share(segments)
+
+    def share(self, segments: Iterable[_Segment]) -> None:
+        """Keep exactly the blocks of `segments`, and from now on make equal blocks one."""
+        live = {block: block for segment in segments for block in segment.blocks()}
+        self.blocks.clear()
+        self.blocks.update(live)
+        self.live, self.on = len(live), True
+
+
 class _Column:
     """One family's sample lines for every org set of a segment, kept as bytes in blocks of
     BLOCK_CHUNKS org sets with each org set's end offset, so one org set's lines are replaced by
@@ -174,7 +204,7 @@ class _Column:
 
     __slots__ = ("_shared", "blocks", "ends")
 
-    def __init__(self, shared: dict[bytes, bytes], cells: list[bytes] | None = None) -> None:
+    def __init__(self, shared: _Shared, cells: list[bytes] | None = None) -> None:
         self.blocks: list[bytes] = []
         self.ends: list[list[int]] = []
         self._shared = shared  # see Exposition._blocks
@@ -187,7 +217,7 @@ class _Column:
         for start in range(0, len(cells), BLOCK_CHUNKS):
             block = cells[start:start + BLOCK_CHUNKS]
             joined = b"".join(block)
-            self.blocks.append(self._shared.setdefault(joined, joined))
+            self.blocks.append(self._shared.one(joined))
             self.ends.append(list(itertools.accumulate(map(len, block))))
             yield
 
@@ -198,7 +228,7 @@ class _Column:
         if raw[start:end] == samples:
             return
         joined = b"".join((raw[:start], samples, raw[end:]))
-        self.blocks[number] = self._shared.setdefault(joined, joined)
+        self.blocks[number] = self._shared.one(joined)
         delta = len(samples) - (end - start)
         for k in range(cell, len(ends)):
             ends[k] += delta
@@ -212,7 +242,7 @@ class _Segment:
     chunk touches only its own lines.
     """
 
-    def __init__(self, skeleton: dict[str, tuple[bytes, bytes]], shared: dict[bytes, bytes]) -> None:
+    def __init__(self, skeleton: dict[str, tuple[bytes, bytes]], shared: _Shared) -> None:
         self._shared = shared  # blocks by content, across formats (see Exposition._blocks)
         self._skeleton = list(skeleton)  # families present even with no org set
         self._headers = {name: header for name, (header, _) in skeleton.items()}
@@ -401,7 +431,7 @@ class _Format:
     """Everything cached for one negotiated content type."""
 
     def __init__(self, encoder: Encoder, collector: ExporterCollector, snap: Snapshot,
-                 fresh: Collector, shared: dict[bytes, bytes]) -> None:
+                 fresh: Collector, shared: _Shared) -> None:
         self.encoder = encoder
         self._fast = _fast_encoder(encoder)
         self.tail = _Tail(fresh, encoder)
@@ -541,11 +571,7 @@ class Exposition:
         self._clock = clock
         self._fresh = _Fresh(collector, monotonic)
         self._formats: OrderedDict[str, _Format] = OrderedDict()
-        # Every block of every format's segments, by content: text and OpenMetrics write the same
-        # sample lines for this exporter's names, so the second format scraped (Prometheus, and a
-        # person with curl) holds no second copy of the megabytes. Pruned after renders (_prune).
-        self._blocks: dict[bytes, bytes] = {}
-        self._live_blocks = 0
+        self._shared = _Shared()
         self.renders = 0  # chunks rendered since start; tests use it to see what a scrape re-rendered
         self._renders_since_yield = 0
         self._slice_started = time.perf_counter()  # CPU slices, not a clock the output depends on
@@ -625,11 +651,13 @@ class Exposition:
         fmt = self._formats.get(content_type)
         if fmt is None:
             try:
-                fmt = _Format(encoder, self._collector, self._snapshot(), self._fresh, self._blocks)
+                fmt = _Format(encoder, self._collector, self._snapshot(), self._fresh, self._shared)
             except _Unsplittable:
                 fmt = None
             else:
                 self._formats[content_type] = fmt
+                if len(self._formats) == 2:
+                    self._shared.share(self._segments())
                 while len(self._formats) > MAX_FORMATS:
                     self._formats.popitem(last=False)
         body = None
@@ -693,22 +721,18 @@ class Exposition:
             if gzip and body.deflated is None:
                 body.deflated = await self._deflate_parts(fmt, body.parts)
             fmt.body = body  # only now: until here, scrapes that may lag send the previous one
-            self._prune()
+            self._shared.prune(self._segments())
             return body
 
-    def _prune(self) -> None:
-        """Drop from the shared blocks those no segment holds any more, once they are a fifth of them
-        (each costs memory until then; a prune looks at every block, ~1 ms at 1,000 org sets)."""
-        if len(self._blocks) <= 1.25 * self._live_blocks + 256:
-            return
-        live: dict[bytes, bytes] = {}
+    def _segments(self) -> Iterator[_Segment]:
+        """Every segment the formats hold, those prepared for a reload included."""
         for fmt in self._formats.values():
-            pending = fmt.pending
-            for segment in (fmt.usage, fmt.health, fmt.api, *((pending.usage, pending.health) if pending else ())):
-                live.update((block, block) for block in segment.blocks())
-        self._blocks.clear()
-        self._blocks.update(live)
-        self._live_blocks = len(live)
+            yield fmt.usage
+            yield fmt.health
+            yield fmt.api
+            if fmt.pending is not None:
+                yield fmt.pending.usage
+                yield fmt.pending.health
 
     async def _deflate_parts(self, fmt: _Format, parts: Sequence[bytes]) -> _Deflated:
         """`parts` as deflate blocks, compressing only those not in the previous body, and their CRC."""
