@@ -209,7 +209,7 @@ class _Column:
     def __init__(self, shared: _Shared, cells: list[bytes] | None = None) -> None:
         self.blocks: list[bytes] = []
         self.ends: list[list[int]] = []
-        self._shared = shared  # see Exposition._blocks
+        self._shared = shared  # blocks by content, across formats (see _Shared)
         for _ in self.fill(cells or []):
             pass
 
@@ -245,7 +245,7 @@ class _Segment:
     """
 
     def __init__(self, skeleton: dict[str, tuple[bytes, bytes]], shared: _Shared) -> None:
-        self._shared = shared  # blocks by content, across formats (see Exposition._blocks)
+        self._shared = shared  # blocks by content, across formats (see _Shared)
         self._skeleton = list(skeleton)  # families present even with no org set
         self._headers = {name: header for name, (header, _) in skeleton.items()}
         self.names: list[str] = []  # org sets, in output order
